@@ -1,0 +1,243 @@
+"""The Python API: the passes put together. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import corpus
+from .architectures import SITES
+from .calibrate import Calibration, calibrate, project_inputs, self_generate
+from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
+from .errors import LoraCompileError
+from .fit import choose_ridge, fit_direction, fit_errors
+from .models import LoadedModel, load_model
+from .outputs import atomic_file, check_writable
+from .scan import plot_scan, scan_sites, site_keys
+from .vectors import SteeringVector, extract, load_vector, read_pairs, save_vector
+from .verify import VerifyReport, verify
+
+ModelArg = LoadedModel | str | None
+# Text files (.txt/.jsonl) or samples; None means the shipped corpus.
+TextsArg = list[str | Path | corpus.Sample] | None
+VectorArg = SteeringVector | str | Path
+
+
+def _model(model: ModelArg) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def _vector(vector: VectorArg) -> SteeringVector:
+    return vector if isinstance(vector, SteeringVector) else load_vector(vector)
+
+
+def calibration_samples(
+    loaded: LoadedModel,
+    texts: TextsArg = None,
+    self_generated: int = 0,
+    seed: int = 0,
+) -> list[corpus.Sample]:
+    """Calibration text: the shipped corpus (or user files) plus the model's own chats."""
+    samples = corpus.load_texts(texts, corpus.default_calibration())
+    return samples + self_generate(loaded, corpus.chat_prompts(samples), self_generated, seed=seed)
+
+
+def write_json(path: str | Path, data: dict, force: bool) -> None:
+    with atomic_file(path, force) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def scan(
+    model: ModelArg = None,
+    *,
+    sites: list[str] | None = None,
+    layers: list[int] | None = None,
+    texts: TextsArg = None,
+    heldout: TextsArg = None,
+    self_generated: int = 0,
+    ridge: float | None = None,
+    seed: int = 0,
+    out_json: str | Path | None = None,
+    out_png: str | Path | None = None,
+    force: bool = False,
+    calibration: Calibration | None = None,
+) -> tuple[dict, Calibration]:
+    """Fit error of ridge and axis directions at every site; returns (result, calibration).
+
+    The calibration can be passed on to ``compile_adapter`` to skip recomputing it.
+    """
+    for path in (out_json, out_png):
+        if path is not None:
+            check_writable(path, force)
+    loaded = _model(model)
+    keys = site_keys(loaded, sites, layers)
+    heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
+    if calibration is None:
+        calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
+    result = scan_sites(loaded, calibration, heldout_samples, ridge)
+    if out_json is not None:
+        write_json(out_json, result, force)
+    if out_png is not None:
+        with atomic_file(out_png, force) as tmp:
+            plot_scan(result, tmp.with_suffix(".png"))
+            tmp.with_suffix(".png").replace(tmp)
+    return result, calibration
+
+
+def extract_vector(
+    pairs: str | Path,
+    layers: list[int],
+    model: ModelArg = None,
+    out: str | Path | None = None,
+    force: bool = False,
+) -> SteeringVector:
+    """Difference of means over contrast pairs at ``resid_post L`` (last token)."""
+    if out is not None:
+        check_writable(out, force)
+    pair_list = read_pairs(pairs)
+    vector = extract(_model(model), pair_list, layers)
+    if out is not None:
+        save_vector(vector, out, force)
+    return vector
+
+
+@dataclass
+class CompileResult:
+    adapter_dir: Path
+    report: dict
+
+
+def _model_card(report: dict) -> str:
+    lines = [
+        "# Steering adapter compiled by lora_compile",
+        "",
+        f"Base model: `{report['base_model']}`. A rank-1 LoRA that adds a steering vector at "
+        f"`{report['site']}` of layer(s) {', '.join(str(x['layer']) for x in report['layers'])}, "
+        "in place of activation addition, for servers that run only LoRA adapters.",
+        "",
+        "| layer | writer | held-out RMS of b·x − 1 | max | first token | ‖coef·s‖ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in report["layers"]:
+        e = x["fit_error"]["all"]
+        lines.append(
+            f"| {x['layer']} | {', '.join(x['writers'])} | {e['rms']:.4g} | {e['max']:.3g} | "
+            f"{e['rms_first']:.3g} | {x['vector_norm']:.4g} |"
+        )
+    lines += [
+        "",
+        "The RMS column is the predicted relative error of the added vector per token. "
+        "`lora-compile verify` measures it against true activation addition. "
+        f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def compile_adapter(
+    vector: VectorArg,
+    out_dir: str | Path,
+    model: ModelArg = None,
+    *,
+    layers: list[int] | None = None,
+    site: str | None = None,
+    coef: float = 1.0,
+    direction: str = "ridge",
+    ridge: float | None = None,
+    texts: TextsArg = None,
+    heldout: TextsArg = None,
+    self_generated: int = 0,
+    seed: int = 0,
+    force: bool = False,
+    calibration: Calibration | None = None,
+) -> CompileResult:
+    """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``."""
+    check_writable(out_dir, force)
+    if not torch.isfinite(torch.tensor(coef)):
+        raise LoraCompileError(f"coefficient {coef} is not a finite number")
+    steering = _vector(vector).select(layers)
+    if site is not None:
+        if site not in SITES:
+            raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+        steering = SteeringVector(steering.directions, site, dict(steering.metadata))
+    loaded = _model(model)
+    loaded.arch.site(steering.site)
+    steering.validate(loaded)
+    keys = [(steering.site, layer) for layer in steering.layers]
+    if calibration is None or not set(keys) <= calibration.moments.keys():
+        calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
+    lambdas = {k: ridge if ridge is not None else choose_ridge(calibration.moments[k]) for k in keys}
+    directions = {k: fit_direction(calibration.moments[k], direction, lambdas[k]) for k in keys}
+    heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
+    projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
+    steered, layer_reports = [], []
+    for key in keys:
+        vec = coef * steering.directions[key[1]]
+        steered.append(SiteWeights(key[0], key[1], directions[key], vec))
+        layer_reports.append(
+            {
+                "layer": key[1],
+                "writers": list(loaded.arch.writers(*key)),
+                "fit_error": {d: e.to_dict() for d, e in fit_errors(projections[key]).items()},
+                "vector_norm": float(vec.norm()),
+                "direction_norm": float(directions[key].norm()),
+                "ridge": lambdas[key] if direction == "ridge" else None,
+            }
+        )
+    tensors = adapter_tensors(loaded, steered)
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    report = {
+        "base_model": loaded.model_id,
+        "site": steering.site,
+        "coef": coef,
+        "direction": direction,
+        "calibration": {
+            "tokens": calibration.tokens,
+            "domains": calibration.domains,
+            "self_generated": self_generated,
+            "fixed_prefix": calibration.fixed_prefix,
+        },
+        "heldout_domains": sorted({s.domain for s in heldout_samples}),
+        "predicted_delta_rel_error": max(x["fit_error"]["all"]["rms"] for x in layer_reports),
+        "layers": layer_reports,
+        "vector_metadata": steering.metadata,
+        "rank": 1,
+        "target_modules": targets,
+    }
+    out = write_adapter(out_dir, tensors, adapter_config(loaded.model_id, targets), report, _model_card(report), force)
+    return CompileResult(out, report)
+
+
+def verify_adapter(
+    adapter_dir: str | Path,
+    vector: VectorArg,
+    model: ModelArg = None,
+    *,
+    prompts: TextsArg = None,
+    coef: float | None = None,
+    generations: int = 3,
+    max_new_tokens: int = 32,
+) -> VerifyReport:
+    """Compare the adapter (loaded with PEFT) with true addition on held-out prompts.
+
+    Site, layers and coefficient come from the adapter's compile report where it has one.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoraCompileError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
+    steering = _vector(vector)
+    report_path = adapter_dir / REPORT
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        steering = SteeringVector(
+            steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
+        )
+        coef = report["coef"] if coef is None else coef
+    loaded = _model(model)
+    steering.validate(loaded)
+    samples = corpus.load_texts(prompts, corpus.default_heldout())
+    chats = [s for s in samples if s.is_chat][:generations]
+    return verify(loaded, adapter_dir, steering, samples, 1.0 if coef is None else coef, chats, max_new_tokens)

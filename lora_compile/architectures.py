@@ -1,0 +1,92 @@
+"""Architecture knowledge, in one table.
+
+Everything the passes need to know about a model family lives here: where its
+decoder layers are, which linear modules write into each residual-stream site,
+and which module's output *is* the site (where true activation addition hooks).
+Passes look things up here; they never branch on ``model_type``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import LoraCompileError
+
+SITES = ("resid_post", "resid_mid")
+SITE_MEANING = {
+    "resid_post": "output of decoder layer L (hidden_states[L+1] in Hugging Face)",
+    "resid_mid": "residual stream after the attention of layer L, before its MLP",
+}
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """How one residual-stream site is written to in an architecture.
+
+    ``writers``: linear modules whose outputs are added straight into the residual
+    stream at this site (templates with ``{L}``); the LoRA goes on them.
+    ``hook``: the module whose output equals the residual stream delta at this site,
+    i.e. where true activation addition adds the vector.
+    """
+
+    writers: tuple[str, ...]
+    hook: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # dotted path of the ModuleList of decoder layers
+    num_layers_key: str
+    hidden_size_key: str
+    sites: dict[str, SiteSpec] = field(default_factory=dict)
+
+    def site(self, site: str) -> SiteSpec:
+        if site not in self.sites:
+            raise LoraCompileError(
+                f"site {site!r} is not supported for {self.name}; use one of: " + ", ".join(self.sites)
+            )
+        return self.sites[site]
+
+    def writers(self, site: str, layer: int) -> tuple[str, ...]:
+        return tuple(w.format(L=layer) for w in self.site(site).writers)
+
+    def hook_module(self, site: str, layer: int) -> str:
+        return self.site(site).hook.format(L=layer)
+
+    def layer_module(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+
+_LLAMA_SITES = {
+    "resid_post": SiteSpec(writers=("model.layers.{L}.mlp.down_proj",), hook="model.layers.{L}.mlp.down_proj"),
+    "resid_mid": SiteSpec(
+        writers=("model.layers.{L}.self_attn.o_proj",),
+        hook="model.layers.{L}.self_attn.o_proj",
+    ),
+}
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        name="llama-family",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_LLAMA_SITES,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHITECTURES for t in a.model_types)
+
+
+def architecture_for(model_type: str) -> Architecture:
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise LoraCompileError(
+        f"unsupported architecture {model_type!r}; supported model types: " + ", ".join(supported_model_types())
+    )

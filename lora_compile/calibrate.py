@@ -1,0 +1,298 @@
+"""Calibration pass: streaming moments of writer-module inputs.
+
+For each site (site name, layer) the inputs of its writer modules (concatenated,
+for architectures with several writers per site) are reduced to
+``G = Σ x xᵀ``, ``μ = Σ x`` and a token count, in float64, batch by batch.
+Activations are never stored, padding is excluded, and the forward pass stops
+after the deepest layer needed. Moments are additive: shards combine with ``+``.
+
+The same streaming machinery projects held-out inputs onto fitted directions
+(``project_inputs``), which is how fit errors are measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .corpus import Sample
+from .models import LoadedModel
+from .progress import track
+
+SiteKey = tuple[str, int]  # (site, layer)
+
+MAX_SAMPLE_TOKENS = 512
+BATCH_TOKENS = 4096
+
+
+class _StopForward(Exception):
+    """Raised after the deepest layer needed, so the rest of the model never runs."""
+
+
+@dataclass
+class Moments:
+    """Sufficient statistics of one site's writer inputs for the ridge fit."""
+
+    gram: torch.Tensor  # [d, d] float64, Σ x xᵀ
+    total: torch.Tensor  # [d] float64, Σ x
+    count: int
+    pinned: torch.Tensor  # [k, d] float64, inputs at the fixed prefix positions
+    # The part of these moments from odd-numbered samples: a second fold, so the fit can
+    # choose its ridge penalty by cross-validation on calibration data alone.
+    fold: Moments | None = None
+
+    @classmethod
+    def zeros(cls, dim: int) -> Moments:
+        return cls(
+            gram=torch.zeros(dim, dim, dtype=torch.float64),
+            total=torch.zeros(dim, dtype=torch.float64),
+            count=0,
+            pinned=torch.zeros(0, dim, dtype=torch.float64),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.total.numel()
+
+    def add_(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.total += x.sum(0)
+        self.count += x.shape[0]
+
+    def __add__(self, other: Moments) -> Moments:
+        pinned = self.pinned if self.pinned.numel() else other.pinned
+        fold = self.fold + other.fold if self.fold is not None and other.fold is not None else None
+        return Moments(self.gram + other.gram, self.total + other.total, self.count + other.count, pinned, fold)
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.gram - other.gram, self.total - other.total, self.count - other.count, self.pinned)
+
+
+@dataclass
+class Calibration:
+    """Moments per site, plus what they were measured on."""
+
+    model_id: str
+    moments: dict[SiteKey, Moments]
+    tokens: int = 0
+    domains: dict[str, int] = field(default_factory=dict)  # tokens per domain
+    fixed_prefix: list[int] = field(default_factory=list)
+
+    def __add__(self, other: Calibration) -> Calibration:
+        domains = dict(self.domains)
+        for d, n in other.domains.items():
+            domains[d] = domains.get(d, 0) + n
+        keys = self.moments.keys() & other.moments.keys()
+        return Calibration(
+            self.model_id,
+            {k: self.moments[k] + other.moments[k] for k in sorted(keys)},
+            self.tokens + other.tokens,
+            domains,
+            self.fixed_prefix or other.fixed_prefix,
+        )
+
+
+def encode(loaded: LoadedModel, samples: list[Sample], max_tokens: int = MAX_SAMPLE_TOKENS) -> list[list[int]]:
+    return [s.token_ids(loaded.tokenizer, max_tokens) for s in samples]
+
+
+def _batches(
+    token_lists: list[list[int]], pad_id: int, batch_tokens: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Right-padded batches of similar lengths; yields (sample indices, ids, mask)."""
+    order = sorted(range(len(token_lists)), key=lambda i: (len(token_lists[i]), i))
+    batch: list[int] = []
+    for i in order:
+        longest = max([len(token_lists[j]) for j in batch] + [len(token_lists[i])])
+        if batch and longest * (len(batch) + 1) > batch_tokens:
+            yield _pad(batch, token_lists, pad_id)
+            batch = []
+        batch.append(i)
+    if batch:
+        yield _pad(batch, token_lists, pad_id)
+
+
+def _pad(batch: list[int], token_lists: list[list[int]], pad_id: int):
+    width = max(len(token_lists[i]) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        ids[row, : len(token_lists[i])] = torch.tensor(token_lists[i], dtype=torch.long)
+        mask[row, : len(token_lists[i])] = 1
+    return batch, ids, mask
+
+
+@contextmanager
+def _capture_writer_inputs(loaded: LoadedModel, keys: list[SiteKey]):
+    """Hooks that record each site's writer inputs and stop after the deepest layer."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def save(name: str) -> Callable:
+        def hook(_module, args):
+            captured[name] = args[0].detach()
+
+        return hook
+
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    try:
+        for site, layer in keys:
+            for writer in loaded.arch.writers(site, layer):
+                handles.append(loaded.module(writer).register_forward_pre_hook(save(writer)))
+        deepest = max(layer for _, layer in keys)
+        handles.append(loaded.module(loaded.arch.layer_module(deepest)).register_forward_hook(stop))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stream_writer_inputs(
+    loaded: LoadedModel,
+    keys: list[SiteKey],
+    token_lists: list[list[int]],
+    description: str = "running model",
+    batch_tokens: int = BATCH_TOKENS,
+) -> Iterator[tuple[list[int], torch.Tensor, dict[SiteKey, torch.Tensor]]]:
+    """Per batch: (sample indices, mask [B, T], inputs per site [B, T, d_site])."""
+    keys = sorted(set(keys))
+    pad_id = loaded.tokenizer.pad_token_id
+    batches = list(_batches(token_lists, pad_id, batch_tokens))
+    with _capture_writer_inputs(loaded, keys) as captured, torch.no_grad():
+        for batch, ids, mask in track(batches, description):
+            captured.clear()
+            try:
+                loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+            except _StopForward:
+                pass
+            inputs = {
+                (site, layer): torch.cat([captured[w].float().cpu() for w in loaded.arch.writers(site, layer)], dim=-1)
+                for site, layer in keys
+            }
+            yield batch, mask.bool(), inputs
+
+
+def site_dim(loaded: LoadedModel, key: SiteKey) -> int:
+    site, layer = key
+    return sum(loaded.module(w).in_features for w in loaded.arch.writers(site, layer))
+
+
+def calibrate(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    keys: list[SiteKey],
+    batch_tokens: int = BATCH_TOKENS,
+) -> Calibration:
+    """Accumulate float64 moments of the writer inputs of ``keys`` over ``samples``."""
+    keys = sorted(set(keys))
+    for _, layer in keys:
+        loaded.check_layer(layer)
+    token_lists = encode(loaded, samples)
+    even = {k: Moments.zeros(site_dim(loaded, k)) for k in keys}
+    odd = {k: Moments.zeros(site_dim(loaded, k)) for k in keys}
+    domains: dict[str, int] = {}
+    for batch, mask, inputs in stream_writer_inputs(loaded, keys, token_lists, "calibrating", batch_tokens):
+        is_odd = torch.tensor([i % 2 == 1 for i in batch])[:, None]
+        for key, x in inputs.items():
+            even[key].add_(x[mask & ~is_odd])
+            odd[key].add_(x[mask & is_odd])
+        for i in batch:
+            domains[samples[i].domain] = domains.get(samples[i].domain, 0) + len(token_lists[i])
+    moments = {k: even[k] + odd[k] for k in keys}
+    for k in keys:
+        moments[k].fold = odd[k]
+    prefix = loaded.fixed_prefix()
+    if prefix:
+        for _, _, inputs in stream_writer_inputs(loaded, keys, [prefix], "pinning prefix"):
+            for key, x in inputs.items():
+                moments[key].pinned = x[0].to(torch.float64)
+    return Calibration(
+        model_id=loaded.model_id,
+        moments=moments,
+        tokens=sum(len(t) for t in token_lists),
+        domains=domains,
+        fixed_prefix=prefix,
+    )
+
+
+@dataclass
+class Projections:
+    """``b·x`` for every held-out token, with its position and domain."""
+
+    values: torch.Tensor  # [tokens, k] float64, one column per direction
+    position: torch.Tensor  # [tokens] long
+    domain: list[str]
+
+
+def project_inputs(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    directions: dict[SiteKey, torch.Tensor],
+    batch_tokens: int = BATCH_TOKENS,
+) -> dict[SiteKey, Projections]:
+    """Project the writer inputs of held-out ``samples`` onto directions ``[k, d]`` per site."""
+    keys = sorted(directions)
+    token_lists = encode(loaded, samples)
+    parts: dict[SiteKey, list[torch.Tensor]] = {k: [] for k in keys}
+    positions: list[torch.Tensor] = []
+    domains: list[str] = []
+    for batch, mask, inputs in stream_writer_inputs(loaded, keys, token_lists, "measuring fit error", batch_tokens):
+        pos = torch.arange(mask.shape[1]).expand_as(mask)
+        positions.append(pos[mask])
+        for row, i in enumerate(batch):
+            domains += [samples[i].domain] * int(mask[row].sum())
+        for key, x in inputs.items():
+            parts[key].append(x[mask].to(torch.float64) @ directions[key].to(torch.float64).T)
+    position = torch.cat(positions)
+    return {k: Projections(torch.cat(parts[k]), position, domains) for k in keys}
+
+
+def self_generate(
+    loaded: LoadedModel,
+    prompts: list[Sample],
+    count: int,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[Sample]:
+    """Sample ``count`` responses from the model to chat prompts: the served distribution.
+
+    Returns chats (prompt + the model's reply) in domain ``self_generated``;
+    sampling is seeded, so the same inputs give the same samples.
+    """
+    if count <= 0 or not prompts:
+        return []
+    tok = loaded.tokenizer
+    rng = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(prompts), generator=rng).tolist()
+    chosen = [prompts[picks[i % len(picks)]] for i in range(count)]
+    out: list[Sample] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in track(range(0, count, batch_size), "self-generating", total=-(-count // batch_size)):
+            group = chosen[start : start + batch_size]
+            texts = [s.render(tok, add_generation_prompt=True) for s in group]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            torch.manual_seed(seed + start)
+            with torch.no_grad():
+                gen = loaded.model.generate(
+                    **enc.to(loaded.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=0.8,
+                    top_p=0.95,
+                    pad_token_id=tok.pad_token_id,
+                )
+            for s, row in zip(group, gen[:, enc["input_ids"].shape[1] :]):
+                reply = tok.decode(row, skip_special_tokens=True).strip()
+                out.append(Sample("self_generated", messages=s.messages + (("assistant", reply),)))
+    finally:
+        tok.padding_side = side
+    return out

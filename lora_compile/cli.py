@@ -1,0 +1,338 @@
+"""The ``lora-compile`` command line: a thin layer over ``lora_compile.api``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api, progress
+from .errors import LoraCompileError
+from .fit import DIRECTION_METHODS
+from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compile activation-steering vectors into rank-1 LoRA adapters that LoRA servers load.",
+)
+# Not a terminal (a log, CI): wide enough that the scan table keeps one row per site.
+out = Console(width=None if sys.stdout.isatty() else 130)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Hugging Face id or directory, or a .gguf file. Default: embedded SmolLM2-135M-Instruct."
+    ),
+]
+TextsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--texts", help="Calibration text (.txt split at blank lines, or .jsonl of text/messages). Repeatable."
+    ),
+]
+HeldoutOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--heldout", help="Held-out text for fit errors (default: shipped stories, letters, poetry, chat)."),
+]
+SelfGenOpt = Annotated[
+    int, typer.Option("--self-generate", help="Add N chats sampled from the model itself to calibration.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+
+
+def _layers(spec: str | None) -> list[int] | None:
+    """'18', '10,18' or '8-12' → list of layers."""
+    if spec is None:
+        return None
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                layers += range(int(lo), int(hi) + 1)
+            else:
+                layers.append(int(part))
+    except ValueError as exc:
+        raise LoraCompileError(f"cannot read layers {spec!r}: use e.g. 18, 10,18 or 8-12") from exc
+    return layers
+
+
+def _run(fn):
+    """Run a command body; bad input becomes one line on stderr and exit code 2."""
+    progress.enable(True)
+    try:
+        return fn()
+    except LoraCompileError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def scan_table(result: dict, top: int = 3) -> Table:
+    table = Table(title=f"scan: held-out RMS of b·x − 1 ({result['model']})")
+    for col in (
+        "site",
+        "layer",
+        "ridge rms",
+        "ridge max",
+        "ridge first",
+        "axis rms",
+        "axis/ridge",
+        "worst domain",
+        "outlier dims (mean/std)",
+    ):
+        table.add_column(col, justify="right" if col not in ("site", "worst domain") else "left")
+    best = {(r["site"], r["layer"]) for r in result["recommended"]}
+    for r in sorted(result["sites"], key=lambda r: (r["site"], r["layer"])):
+        ridge, axis = r["ridge"]["all"], r["axis"]["all"]
+        domains = {d: v["rms"] for d, v in r["ridge"].items() if d != "all"}
+        worst = max(domains, key=domains.get)
+        dims = ", ".join(f"{d['dim']}:{d['mean_over_std']:.1f}" for d in r["outlier_dims"][:top])
+        style = "bold green" if (r["site"], r["layer"]) in best else None
+        table.add_row(
+            r["site"],
+            str(r["layer"]),
+            _fmt(ridge["rms"]),
+            _fmt(ridge["max"]),
+            _fmt(ridge["rms_first"]),
+            _fmt(axis["rms"]),
+            f"{axis['rms'] / ridge['rms']:.1f}",
+            f"{worst} {_fmt(domains[worst])}",
+            dims,
+            style=style,
+        )
+    return table
+
+
+def print_scan(result: dict) -> None:
+    out.print(scan_table(result))
+    ratios = ", ".join(f"{s} {v:.1f}×" for s, v in result["median_axis_over_ridge"].items())
+    out.print(f"median axis/ridge error: {ratios}")
+    recs = "; ".join(f"{r['site']} {r['layer']} (rms {_fmt(r['rms'])})" for r in result["recommended"])
+    out.print(f"[bold]recommended sites:[/bold] {recs}")
+
+
+def verify_table(report: VerifyReport) -> Table:
+    table = Table(title="verify: compiled adapter vs true activation addition")
+    for col in ("domain", "tokens", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for d, v in report.per_domain.items():
+        table.add_row(
+            d,
+            str(v["tokens"]),
+            _fmt(v["kl_compiled"]),
+            _fmt(v["kl_unsteered"]),
+            _fmt(v["kl_ratio"]),
+            f"{v['top1_agreement']:.1%}",
+        )
+    table.add_row(
+        "[bold]all[/bold]",
+        str(report.tokens),
+        _fmt(report.kl_compiled),
+        _fmt(report.kl_unsteered),
+        f"[bold]{_fmt(report.kl_ratio)}[/bold]",
+        f"{report.top1_agreement:.1%}",
+    )
+    return table
+
+
+def print_verify(report: VerifyReport) -> None:
+    out.print(verify_table(report))
+    out.print(
+        f"added-vector relative error per token: rms {_fmt(report.delta_rel_error)} "
+        f"(first token {_fmt(report.delta_rel_error_first)})"
+    )
+    for g in report.generations:
+        out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")
+
+
+@app.command()
+def scan(
+    model: ModelOpt = None,
+    layers: Annotated[str | None, typer.Option(help="Layers to scan, e.g. 8-20 (default: all).")] = None,
+    site: Annotated[list[str] | None, typer.Option(help="Sites to scan (default: all). Repeatable.")] = None,
+    texts: TextsOpt = None,
+    heldout: HeldoutOpt = None,
+    self_generate: SelfGenOpt = 0,
+    ridge: Annotated[
+        float | None, typer.Option(help="Ridge λ relative to trace(G)/d (default: cross-validated per site).")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for scan.json and scan.png.")] = Path("."),
+    force: ForceOpt = False,
+) -> None:
+    """Map the constant directions of every layer and site: fit error of ridge vs one-axis directions."""
+
+    def body():
+        if not output.is_dir():
+            raise LoraCompileError(f"output directory {output} does not exist: create it first")
+        result, _ = api.scan(
+            model,
+            sites=site,
+            layers=_layers(layers),
+            texts=texts,
+            heldout=heldout,
+            self_generated=self_generate,
+            ridge=ridge,
+            out_json=output / "scan.json",
+            out_png=output / "scan.png",
+            force=force,
+        )
+        print_scan(result)
+        out.print(f"wrote {output / 'scan.json'} and {output / 'scan.png'}")
+
+    _run(body)
+
+
+@app.command("compile")
+def compile_cmd(
+    vector: Annotated[
+        Path, typer.Option("--vector", "-v", help="Steering vector: safetensors with direction.N tensors.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to create.")],
+    layers: Annotated[
+        str | None, typer.Option(help="Layers of the vector to compile, e.g. 18 or 10,18 (default: all).")
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="resid_post or resid_mid (default: the vector's own).")] = None,
+    coef: Annotated[float, typer.Option(help="Scale applied to the vector.")] = 1.0,
+    direction: Annotated[str, typer.Option(help=f"Direction fit: {' or '.join(DIRECTION_METHODS)}.")] = "ridge",
+    ridge: Annotated[
+        float | None, typer.Option(help="Ridge λ relative to trace(G)/d (default: cross-validated per site).")
+    ] = None,
+    model: ModelOpt = None,
+    texts: TextsOpt = None,
+    heldout: HeldoutOpt = None,
+    self_generate: SelfGenOpt = 0,
+    seed: Annotated[int, typer.Option(help="Seed for --self-generate sampling.")] = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Compile a steering vector into a rank-1 PEFT LoRA adapter."""
+
+    def body():
+        result = api.compile_adapter(
+            vector,
+            output,
+            model,
+            layers=_layers(layers),
+            site=site,
+            coef=coef,
+            direction=direction,
+            ridge=ridge,
+            texts=texts,
+            heldout=heldout,
+            self_generated=self_generate,
+            seed=seed,
+            force=force,
+        )
+        print_compile(result.report)
+        out.print(f"wrote adapter to {result.adapter_dir}")
+
+    _run(body)
+
+
+def print_compile(report: dict) -> None:
+    table = Table(title=f"compiled at {report['site']} ({report['direction']} direction)")
+    for col in ("layer", "writer", "predicted error (rms)", "max", "first token", "worst domain"):
+        table.add_column(col, justify="left" if col in ("writer", "worst domain") else "right")
+    for x in report["layers"]:
+        e = x["fit_error"]
+        domains = {d: v["rms"] for d, v in e.items() if d != "all"}
+        worst = max(domains, key=domains.get)
+        table.add_row(
+            str(x["layer"]),
+            ", ".join(x["writers"]),
+            _fmt(e["all"]["rms"]),
+            _fmt(e["all"]["max"]),
+            _fmt(e["all"]["rms_first"]),
+            f"{worst} {_fmt(domains[worst])}",
+        )
+    out.print(table)
+
+
+@app.command()
+def verify(
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Adapter directory.")],
+    vector: Annotated[Path, typer.Option("--vector", "-v", help="The steering vector the adapter was compiled from.")],
+    model: ModelOpt = None,
+    prompts: Annotated[
+        list[Path] | None, typer.Option(help="Held-out prompts (.txt or .jsonl). Default: shipped held-out set.")
+    ] = None,
+    coef: Annotated[float | None, typer.Option(help="Coefficient (default: from compile_report.json).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+    max_kl_ratio: Annotated[
+        float, typer.Option(help="Exit 1 when KL(true‖compiled)/KL(true‖unsteered) is above this.")
+    ] = DEFAULT_MAX_KL_RATIO,
+    generations: Annotated[int, typer.Option(help="Greedy generations to compare.")] = 3,
+    force: ForceOpt = False,
+) -> None:
+    """Check the PEFT-loaded adapter against true activation addition on held-out prompts."""
+
+    def body():
+        if json_out is not None:
+            api.check_writable(json_out, force)
+        report = api.verify_adapter(adapter, vector, model, prompts=prompts, coef=coef, generations=generations)
+        print_verify(report)
+        if json_out is not None:
+            api.write_json(json_out, report.to_dict(), force)
+        return report
+
+    report = _run(body)
+    if report.kl_ratio > max_kl_ratio:
+        Console(stderr=True).print(
+            f"[red]fail:[/red] KL ratio {report.kl_ratio:.3g} is above --max-kl-ratio {max_kl_ratio}"
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def extract(
+    pairs: Annotated[Path, typer.Option("--pairs", help='jsonl of {"positive": ..., "negative": ...}.')],
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Layer(s) to read resid_post at, e.g. 18 or 10-20.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Vector file to write (.safetensors).")],
+    model: ModelOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Extract a steering vector from contrast pairs: difference of means at resid_post, last token."""
+
+    def body():
+        vec = api.extract_vector(pairs, _layers(layer) or [], model, output, force)
+        norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in sorted(vec.directions.items()))
+        out.print(f"wrote {output} (‖direction‖ per layer: {norms})")
+
+    _run(body)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the demo's files.")] = Path(
+        "lora-compile-demo"
+    ),
+    coef: Annotated[float, typer.Option(help="Scale of the extracted vector.")] = 4.0,
+    force: ForceOpt = False,
+) -> None:
+    """End to end on the embedded model: extract, scan, compile, verify, and steered generations side by side."""
+
+    def body():
+        from .demo import run_demo
+
+        start = time.time()
+        run_demo(output, coef, force, out)
+        out.print(f"demo finished in {time.time() - start:.0f} s; files in {output}/")
+
+    _run(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

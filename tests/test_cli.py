@@ -1,0 +1,163 @@
+"""The CLI end to end on a tiny model: happy path, and one-line errors for bad input."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lora_compile.cli import app
+from lora_compile.vectors import SteeringVector, save_vector
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def texts(tmp_path):
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("\n".join(json.dumps({"text": f"Calibration sentence number {i} about things."}) for i in range(40)))
+    held = tmp_path / "held.jsonl"
+    held.write_text(
+        json.dumps({"domain": "stories", "text": "Once upon a time there was a fox."})
+        + "\n"
+        + json.dumps({"domain": "chat", "messages": [{"role": "user", "content": "Tell me a joke."}]})
+    )
+    return ["--texts", str(cal), "--heldout", str(held)]
+
+
+def _vector(tmp_path, directions, name="v.safetensors"):
+    return str(save_vector(SteeringVector(directions), tmp_path / name))
+
+
+def _fails(args, tmp_path, match, code=2):
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    return err
+
+
+def test_compile_then_verify(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.randn(64), 2: torch.randn(64)})
+    out = tmp_path / "adapter"
+    result = runner.invoke(
+        app,
+        ["compile", "-v", vec, "-o", str(out), "--layers", "1,2", "--site", "resid_mid", "--model", tiny_dir, *texts],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compile_report.json").read_text())
+    assert [x["layer"] for x in report["layers"]] == [1, 2] and report["site"] == "resid_mid"
+    assert (out / "README.md").read_text().startswith("# Steering adapter")
+    held = texts[-1]
+    ok = runner.invoke(
+        app,
+        [
+            "verify",
+            "-a",
+            str(out),
+            "-v",
+            vec,
+            "--model",
+            tiny_dir,
+            "--prompts",
+            held,
+            "--max-kl-ratio",
+            "1e9",
+            "--json",
+            str(tmp_path / "v.json"),
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "v.json").read_text())["tokens"] > 0
+    strict = runner.invoke(
+        app, ["verify", "-a", str(out), "-v", vec, "--model", tiny_dir, "--prompts", held, "--max-kl-ratio", "0"]
+    )
+    assert strict.exit_code == 1
+
+
+def test_extract_and_scan(tiny_dir, tmp_path, texts):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"positive": f"good {i}", "negative": f"bad {i}"}) for i in range(4)))
+    out = tmp_path / "v.safetensors"
+    result = runner.invoke(
+        app, ["extract", "--pairs", str(pairs), "--layer", "1-2", "-o", str(out), "--model", tiny_dir]
+    )
+    assert result.exit_code == 0, result.output
+    scan_dir = tmp_path / "scan"
+    scan_dir.mkdir()
+    result = runner.invoke(app, ["scan", "--model", tiny_dir, "-o", str(scan_dir), *texts])
+    assert result.exit_code == 0, result.output
+    data = json.loads((scan_dir / "scan.json").read_text())
+    assert len(data["sites"]) == 8 and (scan_dir / "scan.png").stat().st_size > 1000
+
+
+def test_wrong_vector_size(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.randn(65)})
+    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts], tmp_path, "hidden size 64")
+
+
+def test_layer_out_of_range(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {9: torch.randn(64)})
+    _fails(
+        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts],
+        tmp_path,
+        "layer 9 is out of range",
+    )
+
+
+def test_layer_not_in_vector(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.randn(64)})
+    _fails(
+        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--layers", "3", "--model", tiny_dir, *texts],
+        tmp_path,
+        "no direction for layer",
+    )
+
+
+def test_nan_vector(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.full((64,), float("nan"))})
+    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts], tmp_path, "NaN")
+
+
+def test_missing_vector_file(tiny_dir, tmp_path):
+    _fails(
+        ["compile", "-v", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "out"), "--model", tiny_dir],
+        tmp_path,
+        "does not exist",
+    )
+
+
+def test_unsupported_architecture(gpt2_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.randn(32)})
+    _fails(
+        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", gpt2_dir, *texts],
+        tmp_path,
+        "unsupported architecture 'gpt2'",
+    )
+
+
+def test_existing_output_directory(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.randn(64)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts], tmp_path, "already exists")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_missing_model_file(tmp_path):
+    vec = _vector(tmp_path, {1: torch.randn(64)})
+    _fails(
+        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", str(tmp_path / "m.gguf")],
+        tmp_path,
+        "does not exist",
+    )
+
+
+def test_bad_layers_spec(tiny_dir, tmp_path):
+    _fails(
+        ["extract", "--pairs", "x.jsonl", "--layer", "a-b", "-o", str(tmp_path / "v.safetensors")],
+        tmp_path,
+        "cannot read layers",
+    )

@@ -1,0 +1,42 @@
+import pytest
+
+from lora_compile.errors import LoraCompileError
+from lora_compile.models import DEFAULT_MODEL_FILE, embedded_model_path, load_model
+
+
+def test_embedded_model_is_found_in_its_package():
+    path = embedded_model_path()
+    assert path.name == DEFAULT_MODEL_FILE and path.stat().st_size > 50e6
+
+
+def test_embedded_model_shape(smol):
+    assert smol.arch.name == "llama-family"
+    assert (smol.num_layers, smol.hidden_size) == (30, 576)
+    assert smol.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_fixed_prefix_is_the_chat_template_start(smol):
+    prefix = smol.fixed_prefix()
+    assert smol.tokenizer.decode(prefix) == "<|im_start|>system\n"
+
+
+def test_layer_range_check(smol):
+    smol.check_layer(29)
+    with pytest.raises(LoraCompileError, match="0..29"):
+        smol.check_layer(30)
+
+
+def test_tiny_directory_loads(tiny):
+    assert tiny.num_layers == 4 and tiny.hidden_size == 64
+
+
+def test_unsupported_architecture_refused(gpt2_dir):
+    with pytest.raises(LoraCompileError, match="unsupported architecture 'gpt2'"):
+        load_model(gpt2_dir)
+
+
+def test_missing_files_refused(tmp_path):
+    with pytest.raises(LoraCompileError, match="does not exist"):
+        load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(LoraCompileError, match="does not exist"):
+        load_model(str(tmp_path / "nope" / "dir"))
