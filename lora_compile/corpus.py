@@ -56,6 +56,22 @@ def _sample_from_record(record: dict, where: str, default_domain: str) -> Sample
     raise LoraCompileError(f"{where}: each record needs a 'text' string or a 'messages' list")
 
 
+def read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """The JSON objects of a ``.jsonl`` file, each with its ``file:line`` for error messages."""
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoraCompileError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise LoraCompileError(f"{path}:{i}: each line must be a JSON object")
+        records.append((f"{path}:{i}", record))
+    return records
+
+
 def read_samples(path: str | Path, domain: str | None = None) -> list[Sample]:
     """Read a ``.jsonl`` file (``text`` or ``messages`` records) or a plain text file.
 
@@ -66,17 +82,7 @@ def read_samples(path: str | Path, domain: str | None = None) -> list[Sample]:
         raise LoraCompileError(f"text file {path} does not exist: pass an existing .txt or .jsonl file")
     default_domain = domain or path.stem
     if path.suffix == ".jsonl":
-        samples = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LoraCompileError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise LoraCompileError(f"{path}:{i}: each line must be a JSON object")
-            samples.append(_sample_from_record(record, f"{path}:{i}", default_domain))
+        samples = [_sample_from_record(record, where, default_domain) for where, record in read_jsonl(path)]
     else:
         text = path.read_text(encoding="utf-8")
         samples = [Sample(default_domain, text=p.strip()) for p in text.split("\n\n") if p.strip()]

@@ -8,7 +8,6 @@ output of decoder block N, i.e. ``hidden_states[N+1]`` = ``resid_post N``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .architectures import SITES
+from .corpus import read_jsonl
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .outputs import atomic_file
@@ -102,17 +102,9 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise LoraCompileError(f"pairs file {path} does not exist: pass a .jsonl of {{positive, negative}} objects")
     pairs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LoraCompileError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
-        if not (
-            isinstance(rec, dict) and isinstance(rec.get("positive"), str) and isinstance(rec.get("negative"), str)
-        ):
-            raise LoraCompileError(f"{path}:{i}: each line needs string fields 'positive' and 'negative'")
+    for where, rec in read_jsonl(path):
+        if not (isinstance(rec.get("positive"), str) and isinstance(rec.get("negative"), str)):
+            raise LoraCompileError(f"{where}: each line needs string fields 'positive' and 'negative'")
         pairs.append((rec["positive"], rec["negative"]))
     if not pairs:
         raise LoraCompileError(f"{path} holds no contrast pairs")

@@ -93,32 +93,20 @@ def test_extract_and_scan(tiny_dir, tmp_path, texts):
     assert len(data["sites"]) == 8 and (scan_dir / "scan.png").stat().st_size > 1000
 
 
-def test_wrong_vector_size(tiny_dir, tmp_path, texts):
-    vec = _vector(tmp_path, {1: torch.randn(65)})
-    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts], tmp_path, "hidden size 64")
-
-
-def test_layer_out_of_range(tiny_dir, tmp_path, texts):
-    vec = _vector(tmp_path, {9: torch.randn(64)})
-    _fails(
-        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts],
-        tmp_path,
-        "layer 9 is out of range",
-    )
-
-
-def test_layer_not_in_vector(tiny_dir, tmp_path, texts):
-    vec = _vector(tmp_path, {1: torch.randn(64)})
-    _fails(
-        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--layers", "3", "--model", tiny_dir, *texts],
-        tmp_path,
-        "no direction for layer",
-    )
-
-
-def test_nan_vector(tiny_dir, tmp_path, texts):
-    vec = _vector(tmp_path, {1: torch.full((64,), float("nan"))})
-    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts], tmp_path, "NaN")
+@pytest.mark.parametrize(
+    "directions, extra, match",
+    [
+        ({1: torch.randn(65)}, [], "hidden size 64"),
+        ({9: torch.randn(64)}, [], "layer 9 is out of range"),
+        ({1: torch.randn(64)}, ["--layers", "3"], "no direction for layer"),
+        ({1: torch.full((64,), float("nan"))}, [], "NaN"),
+        ({1: torch.randn(64)}, ["--site", "resid_pre"], "unknown site"),
+        ({1: torch.randn(64)}, ["--direction", "pca"], "unknown direction method"),
+    ],
+)
+def test_bad_vector_or_request(tiny_dir, tmp_path, texts, directions, extra, match):
+    vec = _vector(tmp_path, directions)
+    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *extra, *texts], tmp_path, match)
 
 
 def test_missing_vector_file(tiny_dir, tmp_path):
