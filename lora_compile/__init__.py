@@ -1,6 +1,6 @@
 """lora_compile: compile activation-steering vectors into rank-1 LoRA adapters."""
 
-from .api import CompileResult, compile_adapter, extract_vector, scan, verify_adapter
+from .api import CompileResult, compile_adapter, export_gguf, extract_vector, import_vector, scan, verify_adapter
 from .errors import LoraCompileError
 from .models import LoadedModel, load_model
 from .vectors import SteeringVector, load_vector, save_vector
@@ -11,7 +11,9 @@ __all__ = [
     "LoraCompileError",
     "SteeringVector",
     "compile_adapter",
+    "export_gguf",
     "extract_vector",
+    "import_vector",
     "load_model",
     "load_vector",
     "save_vector",

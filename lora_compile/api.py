@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import corpus
+from . import corpus, formats
 from .architectures import SITES
 from .calibrate import Calibration, calibrate, project_inputs, self_generate
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
@@ -102,6 +102,59 @@ def extract_vector(
     if out is not None:
         save_vector(vector, out, force)
     return vector
+
+
+def import_vector(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    format: str = "auto",
+    layer: int | None = None,
+    site: str | None = None,
+    layers: list[int] | None = None,
+    model: ModelArg = None,
+    force: bool = False,
+) -> SteeringVector:
+    """Read a foreign steering vector (GGUF control vector, .svec, tensor file, SAE row) in our convention.
+
+    ``source`` is a file or ``FILE:KEY[INDEX]``; ``layer``/``site`` place a vector whose
+    file does not say where it goes; ``layers`` picks layers in the file's own numbering.
+    ``model``, when given, is checked against (hidden size, layers); None checks nothing.
+    """
+    if out is not None:
+        check_writable(out, force)
+    loaded = None if model is None else _model(model)
+    vector = formats.read_vector(
+        source, format, layer=layer, site=site, layers=layers, hidden_size=loaded.hidden_size if loaded else None
+    )
+    if loaded is not None:
+        vector.validate(loaded)
+        vector.metadata["model"] = loaded.model_id
+    if out is not None:
+        save_vector(vector, out, force)
+    return vector
+
+
+def export_gguf(
+    vector: VectorArg,
+    out: str | Path,
+    *,
+    layers: list[int] | None = None,
+    model: ModelArg = None,
+    force: bool = False,
+) -> Path:
+    """Write a resid_post vector as a llama.cpp control vector (``direction.N`` F32).
+
+    ``model``, when given, is checked against and names the file's model hint.
+    """
+    check_writable(out, force)
+    steering = _vector(vector).select(layers)
+    hint = steering.metadata.get("model_hint") or steering.metadata.get("model") or "unknown"
+    if model is not None:
+        loaded = _model(model)
+        steering.validate(loaded)
+        hint = loaded.model.config.model_type
+    return formats.write_gguf(steering, out, hint, force)
 
 
 @dataclass

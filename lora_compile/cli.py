@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import api, progress
@@ -69,7 +70,8 @@ def _run(fn):
     try:
         return fn()
     except LoraCompileError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages quote user input such as W_dec[x], which rich would take for markup
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -306,6 +308,51 @@ def extract(
         vec = api.extract_vector(pairs, _layers(layer) or [], model, output, force)
         norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in sorted(vec.directions.items()))
         out.print(f"wrote {output} (‖direction‖ per layer: {norms})")
+
+    _run(body)
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[str, typer.Argument(help="Vector file, or FILE:KEY[INDEX] for a row of an SAE decoder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Vector file to write (.safetensors).")],
+    format: Annotated[str, typer.Option(help="auto, gguf, svec, safetensors, pt, npy or sae.")] = "auto",
+    layer: Annotated[int | None, typer.Option(help="Layer of a vector whose file does not say (bare tensor).")] = None,
+    site: Annotated[str | None, typer.Option(help="Site of such a vector (default resid_post).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers to keep, in the file's own numbering.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Check hidden size and layers against this model.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Import a steering vector: llama.cpp/repeng GGUF, IBM .svec, safetensors/.pt/.npy, SAE decoder row."""
+
+    def body():
+        vec = api.import_vector(
+            source, output, format=format, layer=layer, site=site, layers=_layers(layers), model=model, force=force
+        )
+        placed = ", ".join(f"{vec.site} {k}" for k in vec.layers)
+        how = vec.metadata.get("orientation")
+        out.print(f"wrote {output}: {placed} ({vec.metadata['convention']}" + (f"; {how}" if how else "") + ")")
+
+    _run(body)
+
+
+@app.command("export")
+def export_cmd(
+    vector: Annotated[Path, typer.Argument(help="Our vector file (.safetensors with direction.N).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="llama.cpp control vector to write (.gguf).")],
+    layers: Annotated[str | None, typer.Option(help="Layers to export (default: all).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Check against this model and name it in the file.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Export a resid_post vector as a llama.cpp control vector (GGUF), readable by repeng too."""
+
+    def body():
+        path = api.export_gguf(vector, output, layers=_layers(layers), model=model, force=force)
+        out.print(f"wrote {path}")
 
     _run(body)
 

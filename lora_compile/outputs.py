@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -54,3 +55,20 @@ def atomic_file(path: str | Path, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted order.
+
+    safetensors keeps metadata in a hash map whose order changes from process to
+    process; sorting it makes the same vector give the same bytes.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])

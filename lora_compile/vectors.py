@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from .architectures import SITES
 from .corpus import read_jsonl
 from .errors import LoraCompileError
 from .models import LoadedModel
-from .outputs import atomic_file
+from .outputs import atomic_file, save_safetensors
 from .progress import track
 
 _KEY = re.compile(r"^direction\.(\d+)$")
@@ -67,7 +67,7 @@ def save_vector(vector: SteeringVector, path: str | Path, force: bool = False) -
         f"direction.{k}": v.detach().to(torch.float32).contiguous() for k, v in sorted(vector.directions.items())
     }
     with atomic_file(path, force) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in sorted(meta.items())})
+        save_safetensors(tensors, tmp, {k: str(v) for k, v in meta.items()})
     return Path(path)
 
 
