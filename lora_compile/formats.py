@@ -381,6 +381,7 @@ def _try_own_file(path: Path, layer: int | None, site: str | None) -> SteeringVe
     _refuse_placement("lora_compile vector", layer, None, "direction.N gives the layers")
     if site is not None and site != vector.site:
         raise LoraCompileError(f"{path} says its site is {vector.site}, not {site}: drop --site")
+    vector.metadata.setdefault("convention", "direction.N = layer N at its site")
     return vector
 
 
@@ -412,8 +413,8 @@ def read_vector(
                 f"an SAE decoder row is named FILE:KEY[INDEX], e.g. sae.safetensors:W_dec[12]; got {source}"
             )
         fmt = detect_format(path, None, None)
-        if fmt not in ("safetensors", "pt", "npy"):
-            raise LoraCompileError(f"{path.name}: SAE decoders are read from .safetensors, .pt or .npy files")
+        if fmt not in ("safetensors", "pt"):
+            raise LoraCompileError(f"{path.name}: SAE decoders are read from .safetensors or .pt files")
     if fmt in ("gguf", "svec") and (key is not None or index is not None):
         raise LoraCompileError(f"{fmt} files take no :KEY[INDEX] selector; pass the file alone")
     if fmt == "gguf":

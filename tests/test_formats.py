@@ -337,6 +337,7 @@ def bad_files(tmp_path, tiny_dir):
     _svec(d / "v.svec", {2: torch.ones(64)})
     torch.save({"a": torch.ones(64), "b": torch.ones(64)}, d / "two.pt")
     (d / "v.txt").write_text("1 2 3")
+    np.save(d / "nan.npy", np.array([1.0, np.nan, 2.0], np.float32))
     save_vector(SteeringVector({1: torch.ones(64)}, "resid_mid"), d / "mid.safetensors")
     return d
 
@@ -359,6 +360,7 @@ def bad_files(tmp_path, tiny_dir):
         (["import", "{d}/v.svec", "--layer", "3"], "--layer: not for svec"),
         (["import", "{d}/two.pt", "--layer", "3"], "FILE:KEY"),
         (["import", "{d}/v.txt"], "--format"),
+        (["import", "{d}/nan.npy", "--layer", "1"], "NaN"),
         (["import", "{d}/d32.gguf", "--format", "onnx"], "unknown format"),
         (["import", "{d}/d32.gguf", "--model", "{tiny}", "--layers", "5"], "no direction for layer(s) [5]"),
         (["export", "{d}/mid.safetensors"], "resid_mid"),
@@ -387,4 +389,6 @@ def test_cli_import_then_export_round_trip(tmp_path):
         torch.testing.assert_close(back.directions[k], _randn(64, k), rtol=0, atol=0)
     again = runner.invoke(app, ["import", str(src), "-o", str(tmp_path / "v2.safetensors")])
     assert again.exit_code == 0
+    ours = runner.invoke(app, ["import", str(tmp_path / "v.safetensors"), "-o", str(tmp_path / "v3.safetensors")])
+    assert ours.exit_code == 0 and "resid_post 1, resid_post 2" in ours.output, ours.output
     assert (tmp_path / "v2.safetensors").read_bytes() == (tmp_path / "v.safetensors").read_bytes()
