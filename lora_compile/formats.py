@@ -293,15 +293,11 @@ def decoder_row(matrix: torch.Tensor, index_text: str, hidden_size: int | None, 
                 f"[{hidden_size}, features] for the model's hidden size {hidden_size}: use this model's SAE"
             )
         by_rows = cols == hidden_size
-        how = (
-            f"[features, d] by the model's hidden size {hidden_size}"
-            if by_rows
-            else (f"[d, features] by the model's hidden size {hidden_size}")
-        )
+        why = f"by the model's hidden size {hidden_size}"
     else:
         by_rows = rows >= cols
-        how = "[features, d]" if by_rows else "[d, features]"
-        how += " taking the longer axis as features (no --model)"
+        why = "taking the longer axis as features (no --model)"
+    how = f"{'[features, d]' if by_rows else '[d, features]'} {why}"
     features = rows if by_rows else cols
     if not 0 <= index < features:
         raise LoraCompileError(f"index {index} is out of range in {what}: it has features 0..{features - 1}")
