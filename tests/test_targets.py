@@ -151,6 +151,11 @@ def test_local_model_needs_base_model_id(tiny, tiny_dir, tmp_path):
     local = compile_adapter(vec, tmp_path / "a", tiny, texts=samples, heldout=samples[:2])
     assert "pass --base-model-id" in local.report["warnings"][0]
     assert json.loads((local.adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == tiny_dir
+    # the linter finds the local directory it names and checks shapes against its config
+    tensors = load_file(str(local.adapter_dir / ADAPTER_WEIGHTS))
+    tensors[O_PROJ.format(L=0, X="A")] = torch.zeros(4, 32)
+    save_file(tensors, str(local.adapter_dir / ADAPTER_WEIGHTS))
+    assert any("the base model needs [4, 64]" in p for p in check_adapter(local.adapter_dir, "vllm")["vllm"])
     named = compile_adapter(vec, tmp_path / "b", tiny, texts=samples, heldout=samples[:2], base_model_id="org/tiny")
     assert named.report["warnings"] == []
     assert json.loads((named.adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "org/tiny"
