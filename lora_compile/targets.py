@@ -180,7 +180,7 @@ PROFILES: dict[str, TargetProfile] = {
             max_rank=64,
             rank_note="Fireworks requires r between 4 and 64",
             every_layer=False,
-            target_modules=_LLAMA_PROJECTIONS,
+            target_modules=_LLAMA_PROJECTIONS | {"w1", "w2", "w3", "gate"},  # + Mixtral's, as its docs list
             embedding_lora=False,
             features=frozenset(),
             serve_dtypes=("bfloat16",),
@@ -322,7 +322,10 @@ def lint(adapter: Adapter, prof: TargetProfile, base: torch.nn.Module | None = N
         if is_set(config) and feature not in prof.features:
             value = config.get(feature)
             problems.append(f"{feature} is {value!r}: {prof.name} does not support it")
-    rank = config.get("r", 8)  # PEFT's default rank
+    # Without r, a server that reads it falls back to PEFT's default 8 (flagged above as missing);
+    # llama.cpp takes the rank from the tensors, as do the shape checks here.
+    a_rows = [v.shape[0] for k, v in sorted(tensors.items()) if k.endswith((".lora_A.weight", ".lora_embedding_A"))]
+    rank = config.get("r", a_rows[0] if a_rows else 8)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         return [*problems, f"r is {rank!r}, not a positive integer"]
     if rank < prof.min_rank or (prof.max_rank is not None and rank > prof.max_rank):

@@ -211,7 +211,7 @@ def _embedding(t):
 
 # (config edit, tensor edit, target that must reject it with the reason, a target that accepts it)
 RULES = {
-    "missing r": (lambda c: c.pop("r"), None, "vllm", "lacks 'r'", None),
+    "missing r": (lambda c: c.pop("r"), None, "vllm", "lacks 'r'", "llamacpp"),  # rank from the tensors
     "missing target_modules": (
         lambda c: c.pop("target_modules"),
         None,
