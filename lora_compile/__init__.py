@@ -1,15 +1,28 @@
 """lora_compile: compile activation-steering vectors into rank-1 LoRA adapters."""
 
-from .api import CompileResult, compile_adapter, export_gguf, extract_vector, import_vector, scan, verify_adapter
+from .api import (
+    CompileResult,
+    check_adapter,
+    compile_adapter,
+    export_gguf,
+    extract_vector,
+    import_vector,
+    scan,
+    verify_adapter,
+)
 from .errors import LoraCompileError
 from .models import LoadedModel, load_model
+from .targets import PROFILES, TargetProfile
 from .vectors import SteeringVector, load_vector, save_vector
 
 __all__ = [
     "CompileResult",
     "LoadedModel",
     "LoraCompileError",
+    "PROFILES",
     "SteeringVector",
+    "TargetProfile",
+    "check_adapter",
     "compile_adapter",
     "export_gguf",
     "extract_vector",

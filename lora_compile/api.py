@@ -14,9 +14,10 @@ from .calibrate import Calibration, calibrate, project_inputs, self_generate
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
 from .errors import LoraCompileError
 from .fit import choose_ridge, fit_direction, fit_errors
-from .models import LoadedModel, load_model
+from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .outputs import atomic_file, check_writable
 from .scan import plot_scan, scan_sites, site_keys
+from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter
 from .vectors import SteeringVector, extract, load_vector, read_pairs, save_vector
 from .verify import VerifyReport, verify
 
@@ -186,6 +187,9 @@ def _model_card(report: dict) -> str:
         "`lora-compile verify` measures it against true activation addition. "
         f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}.",
         "",
+        f"Serving target: `{report['target']}` (rank {report['rank']}, zero-padded; {report['dtype']} tensors). "
+        f"`lora-compile check` lints the adapter against every target.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -206,9 +210,19 @@ def compile_adapter(
     seed: int = 0,
     force: bool = False,
     calibration: Calibration | None = None,
+    target: str = DEFAULT_TARGET,
+    dtype: str | None = None,
+    base_model_id: str | None = None,
 ) -> CompileResult:
-    """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``."""
+    """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
+
+    ``dtype``: of the saved tensors (default: the target's); ``base_model_id``: the served model's
+    id, written as ``base_model_name_or_path`` (default: the loaded model's id).
+    """
     check_writable(out_dir, force)
+    prof = profile(target)
+    prof.check_dtype(dtype or prof.default_dtype)
+    prof.rank_for(1)
     if not torch.isfinite(torch.tensor(coef)):
         raise LoraCompileError(f"coefficient {coef} is not a finite number")
     steering = _vector(vector).select(layers)
@@ -216,7 +230,14 @@ def compile_adapter(
         if site not in SITES:
             raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
         steering = SteeringVector(steering.directions, site, dict(steering.metadata))
+    prof.check_site(steering.site)
     loaded = _model(model)
+    warnings = []
+    if base_model_id is None and loaded.is_local:
+        warnings.append(
+            f"base_model_name_or_path is the local name {loaded.model_id!r}: servers and hosted APIs match "
+            "adapters to the served model's id, pass --base-model-id (e.g. the Hugging Face id)"
+        )
     loaded.arch.site(steering.site)
     steering.validate(loaded)
     keys = [(steering.site, layer) for layer in steering.layers]
@@ -240,10 +261,15 @@ def compile_adapter(
                 "ridge": lambdas[key] if direction == "ridge" else None,
             }
         )
-    tensors = adapter_tensors(loaded, steered)
+    tensors = adapter_tensors(loaded, steered, prof, dtype)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    base_model = base_model_id or loaded.model_id
+    config = adapter_config(base_model, targets, prof)
     report = {
-        "base_model": loaded.model_id,
+        "base_model": base_model,
+        "target": prof.name,
+        "dtype": dtype or prof.default_dtype,
+        "warnings": warnings,
         "site": steering.site,
         "coef": coef,
         "direction": direction,
@@ -257,11 +283,32 @@ def compile_adapter(
         "predicted_delta_rel_error": max(x["fit_error"]["all"]["rms"] for x in layer_reports),
         "layers": layer_reports,
         "vector_metadata": steering.metadata,
-        "rank": 1,
+        "rank": config["r"],
         "target_modules": targets,
     }
-    out = write_adapter(out_dir, tensors, adapter_config(loaded.model_id, targets), report, _model_card(report), force)
+    out = write_adapter(out_dir, tensors, config, report, _model_card(report), force)
     return CompileResult(out, report)
+
+
+def check_adapter(path: str | Path, target: str | None = None, model: ModelArg = None) -> dict[str, list[str]]:
+    """Lint any PEFT LoRA adapter against the serving targets: {target: problems}, empty lists pass.
+
+    ``target``: one profile (default: all). Shapes are checked against ``model`` (a loaded model,
+    an id, directory or .gguf: only its config is read), else against the embedded model when
+    the adapter names it, else against a local directory it names; otherwise only against ``r``.
+    """
+    profiles = [profile(target)] if target is not None else list(PROFILES.values())
+    adapter = read_adapter(path)
+    base = None
+    if isinstance(model, LoadedModel):
+        base = model.model
+    else:
+        named = adapter.config.get("base_model_name_or_path")
+        if model is None and named == DEFAULT_MODEL_ID:
+            base = meta_model(load_config(None))
+        elif model is not None or (isinstance(named, str) and Path(named).is_dir()):
+            base = meta_model(load_config(model or named))
+    return {p.name: lint(adapter, p, base) for p in profiles}
 
 
 def verify_adapter(

@@ -15,6 +15,7 @@ from rich.table import Table
 from . import api, progress
 from .errors import LoraCompileError
 from .fit import DIRECTION_METHODS
+from .targets import DEFAULT_TARGET, DTYPES, PROFILES
 from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport
 
 app = typer.Typer(
@@ -45,6 +46,9 @@ SelfGenOpt = Annotated[
     int, typer.Option("--self-generate", help="Add N chats sampled from the model itself to calibration.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+TargetOpt = Annotated[
+    str, typer.Option("--target", "-t", help=f"Serving target: {', '.join(PROFILES)}. Default: {DEFAULT_TARGET}.")
+]
 
 
 def _layers(spec: str | None) -> list[int] | None:
@@ -214,9 +218,17 @@ def compile_cmd(
     heldout: HeldoutOpt = None,
     self_generate: SelfGenOpt = 0,
     seed: Annotated[int, typer.Option(help="Seed for --self-generate sampling.")] = 0,
+    target: TargetOpt = DEFAULT_TARGET,
+    dtype: Annotated[
+        str | None, typer.Option(help=f"dtype of the saved tensors: {' or '.join(DTYPES)} (default: float32).")
+    ] = None,
+    base_model_id: Annotated[
+        str | None,
+        typer.Option(help="The served model's id for base_model_name_or_path (default: the model's own id)."),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Compile a steering vector into a rank-1 PEFT LoRA adapter."""
+    """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
 
     def body():
         result = api.compile_adapter(
@@ -233,9 +245,14 @@ def compile_cmd(
             self_generated=self_generate,
             seed=seed,
             force=force,
+            target=target,
+            dtype=dtype,
+            base_model_id=base_model_id,
         )
         print_compile(result.report)
-        out.print(f"wrote adapter to {result.adapter_dir}")
+        for warning in result.report["warnings"]:
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+        out.print(f"wrote adapter to {result.adapter_dir} (target {target}, rank {result.report['rank']})")
 
     _run(body)
 
@@ -291,6 +308,45 @@ def verify(
         Console(stderr=True).print(
             f"[red]fail:[/red] KL ratio {report.kl_ratio:.3g} is above --max-kl-ratio {max_kl_ratio}"
         )
+        raise typer.Exit(1)
+
+
+def check_table(results: dict[str, list[str]], chosen: str) -> Table:
+    table = Table(title="check: will each serving target load this adapter as PEFT does?", show_lines=True)
+    for col in ("target", "verdict", "reasons"):
+        table.add_column(col, overflow="fold")
+    for name, problems in results.items():
+        verdict = "[green]pass[/green]" if not problems else "[red]fail[/red]"
+        label = f"[bold]{name}[/bold] (chosen)" if name == chosen else name
+        table.add_row(label, verdict, "\n".join(problems) or "-")
+    return table
+
+
+@app.command()
+def check(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (adapter_config.json + safetensors).")],
+    target: TargetOpt = DEFAULT_TARGET,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Base model (id, directory or .gguf; config only) to check shapes against."),
+    ] = None,
+) -> None:
+    """Lint any PEFT LoRA adapter against every serving target; exit 1 if the chosen target would reject it."""
+
+    def body():
+        api.profile(target)  # a bad name fails before any reading
+        results = api.check_adapter(adapter, None, model)
+        out.print(check_table(results, target))
+        if model is None:
+            out.print(
+                "[dim]shapes and layer counts are checked against the base model only with --model, or when the "
+                "adapter names the embedded model or a local directory[/dim]"
+            )
+        return results
+
+    results = _run(body)
+    if results[target]:
+        Console(stderr=True).print(f"[red]fail:[/red] {target} would not serve {adapter} as PEFT does")
         raise typer.Exit(1)
 
 

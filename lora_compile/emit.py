@@ -2,32 +2,28 @@
 
 For a site with writer input direction ``b`` (``b·x ≈ 1``) and steering vector
 ``s``, the writer gets ``A = k·b`` and ``B = s/k`` with ``‖A‖ = ‖B‖`` (balanced for
-bf16/fp16 range), so the LoRA adds ``B A x = (b·x) s ≈ s``. The adapter follows the
-portable rules of DESIGN §5: ``lora_alpha = r`` (scale 1 under every convention),
-``target_modules`` a list of short names, every layer of a targeted module present
-(zeros where not steering), only ``lora_A`` / ``lora_B`` keys.
+bf16/fp16 range), so the LoRA adds ``B A x = (b·x) s ≈ s``. The serving target's profile
+(targets.py) sets the rank (zero-padded: extra zero rows of A and columns of B leave ``B A``
+unchanged), the saved dtype and whether every layer of a targeted module is present (zeros
+where not steering); ``lora_alpha = r`` (scale 1 under every convention), ``target_modules`` a
+list of short names, only ``lora_A`` / ``lora_B`` keys.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .errors import LoraCompileError
 from .models import LoadedModel
 from .outputs import atomic_dir
+from .targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGET, DTYPES, KEY_PREFIX, PROFILES, TargetProfile
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT = "compile_report.json"
-KEY_PREFIX = "base_model.model."
-# vLLM's default --max-lora-rank; the portable adapter stays within it.
-VLLM_DEFAULT_MAX_RANK = 16
-_FP16_MAX = 65504.0
 
 
 @dataclass
@@ -53,8 +49,20 @@ def _writer_template_index(loaded: LoadedModel, short: str) -> tuple[str, str]:
     raise KeyError(short)
 
 
-def adapter_tensors(loaded: LoadedModel, steered: list[SiteWeights], rank: int = 1) -> dict[str, torch.Tensor]:
-    """``lora_A`` / ``lora_B`` for every layer of every targeted writer module."""
+def adapter_tensors(
+    loaded: LoadedModel,
+    steered: list[SiteWeights],
+    target: TargetProfile = PROFILES[DEFAULT_TARGET],
+    dtype: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """``lora_A`` / ``lora_B`` of every targeted writer module, shaped for ``target``.
+
+    Every layer of a targeted module when the target needs it, else only the steered ones;
+    rank ``target.rank_for(1)`` (zero-padded); saved in ``dtype`` (default: the target's).
+    """
+    dtype = dtype or target.default_dtype
+    target.check_dtype(dtype)
+    rank = target.rank_for(1)
     tensors: dict[str, torch.Tensor] = {}
     by_writer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for sw in steered:
@@ -70,6 +78,8 @@ def adapter_tensors(loaded: LoadedModel, steered: list[SiteWeights], rank: int =
         _, template = _writer_template_index(loaded, short)
         for layer in range(loaded.num_layers):
             writer = template.format(L=layer)
+            if not target.every_layer and writer not in by_writer:
+                continue
             module = loaded.module(writer)
             a = torch.zeros(rank, module.in_features, dtype=torch.float32)
             bmat = torch.zeros(module.out_features, rank, dtype=torch.float32)
@@ -77,13 +87,26 @@ def adapter_tensors(loaded: LoadedModel, steered: list[SiteWeights], rank: int =
                 a_row, b_col = by_writer[writer]
                 a[0] = a_row.to(torch.float32)
                 bmat[:, 0] = b_col.to(torch.float32)
-            tensors[f"{KEY_PREFIX}{writer}.lora_A.weight"] = a.contiguous()
-            tensors[f"{KEY_PREFIX}{writer}.lora_B.weight"] = bmat.contiguous()
-    return tensors
+            tensors[f"{KEY_PREFIX}{writer}.lora_A.weight"] = a
+            tensors[f"{KEY_PREFIX}{writer}.lora_B.weight"] = bmat
+    return {key: _cast(key, value, dtype) for key, value in tensors.items()}
 
 
-def adapter_config(base_model: str, target_modules: list[str], rank: int = 1) -> dict:
-    """A PEFT LoRA config of long-standing keys only (read by PEFT, vLLM, SGLang, LoRAX, TGI)."""
+def _cast(key: str, value: torch.Tensor, dtype: str) -> torch.Tensor:
+    cast = value.to(DTYPES[dtype]).contiguous()
+    if not bool(torch.isfinite(cast).all()):
+        raise LoraCompileError(
+            f"{key} overflows {dtype} (max |value| {float(value.abs().max()):.3g}): "
+            "save with --dtype float32 or lower --coef"
+        )
+    return cast
+
+
+def adapter_config(
+    base_model: str, target_modules: list[str], target: TargetProfile = PROFILES[DEFAULT_TARGET]
+) -> dict:
+    """A PEFT LoRA config of long-standing keys only, at the target's rank with ``lora_alpha = r``."""
+    rank = target.rank_for(1)
     return {
         "alpha_pattern": {},
         "base_model_name_or_path": base_model,
@@ -120,44 +143,3 @@ def write_adapter(
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card)
     return Path(out_dir)
-
-
-def portability_problems(adapter_dir: str | Path, max_rank: int = VLLM_DEFAULT_MAX_RANK) -> list[str]:
-    """Rules of DESIGN §5 (vLLM's, plus the portable profile) this adapter breaks; empty if none."""
-    adapter_dir = Path(adapter_dir)
-    problems = []
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            problems.append(f"config lacks {key!r}")
-    if config.get("lora_bias"):
-        problems.append("lora_bias is set")
-    if config.get("use_dora"):
-        problems.append("use_dora is set")
-    if config.get("bias", "none") != "none":
-        problems.append(f"bias is {config.get('bias')!r}, not 'none'")
-    if config.get("modules_to_save"):
-        problems.append("modules_to_save is set")
-    if int(config.get("r", 0)) > max_rank:
-        problems.append(f"rank {config.get('r')} exceeds --max-lora-rank {max_rank}")
-    if config.get("lora_alpha") != config.get("r"):
-        problems.append("lora_alpha != r: the scale differs between serving conventions")
-    if not isinstance(config.get("target_modules"), list):
-        problems.append("target_modules is not a list")
-    allowed = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
-    for key, value in tensors.items():
-        if not key.startswith(KEY_PREFIX) or not key.endswith(allowed):
-            problems.append(f"tensor {key} is not a lora_A/lora_B/lora_embedding key")
-        if value.is_floating_point() and value.abs().max() > _FP16_MAX:
-            problems.append(f"tensor {key} overflows float16")
-    targets = set(config.get("target_modules") or [])
-    found = {k[len(KEY_PREFIX) :].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors}
-    if found - targets:
-        problems.append(f"tensors for modules {sorted(found - targets)} not in target_modules")
-    # LoRAX / TGI drop a module type that lacks weights for any layer.
-    for short in sorted(found):
-        layers = {int(m.group(1)) for k in tensors if (m := re.search(rf"\.(\d+)\.[^.]*\.?{short}\.lora_A", k))}
-        if layers and layers != set(range(max(layers) + 1)):
-            problems.append(f"{short} lacks layers {sorted(set(range(max(layers) + 1)) - layers)}")
-    return problems

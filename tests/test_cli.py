@@ -149,3 +149,32 @@ def test_bad_layers_spec(tiny_dir, tmp_path):
         tmp_path,
         "cannot read layers",
     )
+
+
+def test_compile_for_a_target(tiny_dir, tmp_path, texts):
+    vec = _vector(tmp_path, {1: torch.randn(64)})
+    out = tmp_path / "adapter"
+    base = ["compile", "-v", vec, "--site", "resid_mid", "--model", tiny_dir, *texts]
+    result = runner.invoke(app, [*base, "-o", str(out), "--target", "vllm", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "--base-model-id" in result.stderr  # a local model has no hub id
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 1 and config["base_model_name_or_path"] == tiny_dir
+    named = tmp_path / "named"
+    result = runner.invoke(app, [*base, "-o", str(named), "--base-model-id", "org/tiny"])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    check = runner.invoke(app, ["check", str(named), "--model", tiny_dir])
+    assert check.exit_code == 0, check.output
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--target", "vllm2"], "unknown target 'vllm2': use one of portable, peft, vllm, sglang"),
+        (["--dtype", "float64"], "unknown dtype 'float64'"),
+    ],
+)
+def test_bad_target_or_dtype(tiny_dir, tmp_path, texts, extra, match):
+    vec = _vector(tmp_path, {1: torch.randn(64)})
+    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *extra, *texts], tmp_path, match)

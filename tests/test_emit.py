@@ -1,19 +1,17 @@
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
+from lora_compile.api import check_adapter
 from lora_compile.emit import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     SiteWeights,
     adapter_config,
     adapter_tensors,
-    portability_problems,
     write_adapter,
 )
 from lora_compile.errors import LoraCompileError
+from lora_compile.targets import PROFILES
 from lora_compile.verify import peft_adapter
 
 
@@ -23,10 +21,10 @@ def _steered(tiny, layer=2, site="resid_mid", seed=0):
     return SiteWeights(site, layer, torch.randn(dim, generator=g, dtype=torch.float64), torch.randn(64, generator=g))
 
 
-def _write(tiny, path, steered, force=False):
-    tensors = adapter_tensors(tiny, steered)
+def _write(tiny, path, steered, force=False, target=PROFILES["portable"]):
+    tensors = adapter_tensors(tiny, steered, target)
     shorts = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
-    return write_adapter(path, tensors, adapter_config(tiny.model_id, shorts), {"r": 1}, "# card\n", force)
+    return write_adapter(path, tensors, adapter_config(tiny.model_id, shorts, target), {"r": 1}, "# card\n", force)
 
 
 def test_every_layer_present_zeros_where_not_steering(tiny):
@@ -36,8 +34,10 @@ def test_every_layer_present_zeros_where_not_steering(tiny):
     for layer in range(tiny.num_layers):
         a = tensors[f"base_model.model.model.layers.{layer}.self_attn.o_proj.lora_A.weight"]
         b = tensors[f"base_model.model.model.layers.{layer}.self_attn.o_proj.lora_B.weight"]
-        assert a.shape == (1, 64) and b.shape == (64, 1) and a.dtype == torch.float32
+        # portable: rank zero-padded to 4
+        assert a.shape == (4, 64) and b.shape == (64, 4) and a.dtype == torch.float32
         assert bool((a == 0).all()) == (layer != 2)
+        assert bool((a[1:] == 0).all()) and bool((b[:, 1:] == 0).all())
     a = tensors["base_model.model.model.layers.2.self_attn.o_proj.lora_A.weight"].double()
     b = tensors["base_model.model.model.layers.2.self_attn.o_proj.lora_B.weight"].double()
     assert float(a.norm()) == pytest.approx(float(b.norm()), rel=1e-6)  # balanced for bf16/fp16
@@ -47,7 +47,7 @@ def test_every_layer_present_zeros_where_not_steering(tiny):
 def test_peft_loads_the_adapter_and_reproduces_the_delta(tiny, tmp_path):
     steered = [_steered(tiny, 1, "resid_mid", 1), _steered(tiny, 3, "resid_post", 2)]
     out = _write(tiny, tmp_path / "adapter", steered)
-    assert portability_problems(out) == []
+    assert check_adapter(out, "portable", tiny) == {"portable": []}
     for sw in steered:
         writer = tiny.arch.writers(sw.site, sw.layer)[0]
         x = torch.randn(5, tiny.module(writer).in_features)
@@ -74,57 +74,25 @@ def test_existing_directory_needs_force_and_nothing_is_left_behind(tiny, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def _break(adapter, tmp_path, config_edit=None, tensor_edit=None):
-    """Copy an adapter with one rule broken."""
-    bad = tmp_path / "bad"
-    bad.mkdir(exist_ok=True)
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(adapter / ADAPTER_WEIGHTS))
-    if config_edit:
-        config_edit(config)
-    if tensor_edit:
-        tensor_edit(tensors)
-    (bad / ADAPTER_CONFIG).write_text(json.dumps(config))
-    save_file(tensors, str(bad / ADAPTER_WEIGHTS))
-    return bad
+def test_profile_sets_rank_layers_and_dtype(tiny):
+    sw = _steered(tiny)
+    vllm = adapter_tensors(tiny, [sw], PROFILES["vllm"], "bfloat16")
+    assert sorted(vllm) == [  # only the steered layer: vLLM needs no zero layers
+        "base_model.model.model.layers.2.self_attn.o_proj.lora_A.weight",
+        "base_model.model.model.layers.2.self_attn.o_proj.lora_B.weight",
+    ]
+    assert vllm["base_model.model.model.layers.2.self_attn.o_proj.lora_A.weight"].shape == (1, 64)
+    assert all(t.dtype == torch.bfloat16 for t in vllm.values())
+    config = adapter_config("org/model", ["o_proj"], PROFILES["fireworks"])
+    assert config["r"] == config["lora_alpha"] == 4 and config["base_model_name_or_path"] == "org/model"
 
 
-def _drop_layer(tensors):
-    for k in [k for k in tensors if ".layers.1." in k]:
-        del tensors[k]
-
-
-@pytest.mark.parametrize(
-    "config_edit, tensor_edit, reason",
-    [
-        (lambda c: c.pop("r"), None, "lacks 'r'"),
-        (lambda c: c.pop("target_modules"), None, "lacks 'target_modules'"),
-        (lambda c: c.update(lora_bias=True), None, "lora_bias"),
-        (lambda c: c.update(use_dora=True), None, "use_dora"),
-        (lambda c: c.update(bias="all"), None, "bias is 'all'"),
-        (lambda c: c.update(modules_to_save=["lm_head"]), None, "modules_to_save"),
-        (lambda c: c.update(r=32, lora_alpha=32), None, "exceeds --max-lora-rank"),
-        (lambda c: c.update(lora_alpha=2), None, "lora_alpha != r"),
-        (lambda c: c.update(target_modules="o_proj"), None, "not a list"),
-        (
-            None,
-            lambda t: t.update(
-                {"base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector": torch.ones(64)}
-            ),
-            "not a lora_A",
-        ),
-        (
-            None,
-            lambda t: t.update(
-                {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.full((1, 64), 1e6)}
-            ),
-            "overflows float16",
-        ),
-        (lambda c: c.update(target_modules=["q_proj"]), None, "not in target_modules"),
-        (None, _drop_layer, "lacks layers [1]"),
-    ],
-)
-def test_portability_rules_each_catch_their_violation(tiny, tmp_path, config_edit, tensor_edit, reason):
-    good = _write(tiny, tmp_path / "adapter", [_steered(tiny)])
-    problems = portability_problems(_break(good, tmp_path, config_edit, tensor_edit))
-    assert any(reason in p for p in problems), problems
+def test_saved_dtype_overflow_is_an_error(tiny):
+    sw = _steered(tiny)
+    spike = torch.zeros(64, dtype=torch.float64)
+    spike[0] = 1e6
+    huge = SiteWeights(sw.site, sw.layer, spike, spike.float())  # balanced: A[0, 0] = B[0, 0] = 1e6 > 65504
+    with pytest.raises(LoraCompileError, match="overflows float16"):
+        adapter_tensors(tiny, [huge], PROFILES["vllm"], "float16")
+    with pytest.raises(LoraCompileError, match="unknown dtype 'float64'"):
+        adapter_tensors(tiny, [sw], PROFILES["vllm"], "float64")

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from lora_compile.errors import LoraCompileError
-from lora_compile.models import DEFAULT_MODEL_FILE, embedded_model_path, load_model
+from lora_compile.models import DEFAULT_MODEL_FILE, EMBEDDED_CONFIG, embedded_model_path, load_config, load_model
 
 
 def test_embedded_model_is_found_in_its_package():
@@ -40,3 +42,17 @@ def test_missing_files_refused(tmp_path):
         load_model(str(tmp_path / "nope.gguf"))
     with pytest.raises(LoraCompileError, match="does not exist"):
         load_model(str(tmp_path / "nope" / "dir"))
+
+
+def test_config_only_and_local_models(smol, tiny, tiny_dir, tmp_path):
+    assert load_config(tiny_dir).num_hidden_layers == 4
+    with pytest.raises(LoraCompileError, match="does not exist"):
+        load_config(str(tmp_path / "nope"))
+    assert tiny.is_local and not smol.is_local  # the embedded model has a known hub id
+
+
+def test_shipped_embedded_config_matches_the_gguf(smol):
+    shipped = load_config(None)
+    for key, value in json.loads(EMBEDDED_CONFIG.read_text()).items():
+        assert getattr(smol.model.config, key) == pytest.approx(value), key
+    assert shipped.num_hidden_layers == 30 and shipped.model_type == "llama"
