@@ -146,6 +146,8 @@ def test_missing_model_file(tmp_path):
 def test_extract_methods_from_text_files_then_sweep(tiny_dir, tmp_path):
     (tmp_path / "pos.txt").write_text("".join(f"I am good {i}\n" for i in range(4)))
     (tmp_path / "neg.txt").write_text("".join(f"I am bad {i}\n" for i in range(4)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"positive": "I am good", "negative": "I am bad"}))
     vec = tmp_path / "v.safetensors"
     args = ["--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"), "--layer", "1,3"]
     extra = ["--method", "pca_diff", "--position", "mean", "--model", tiny_dir]
@@ -161,6 +163,8 @@ def test_extract_methods_from_text_files_then_sweep(tiny_dir, tmp_path):
             "--layers",
             "3",
             "--coefs=-1,0,2",
+            "--pairs",
+            str(pairs),
             "--model",
             tiny_dir,
             "-o",
