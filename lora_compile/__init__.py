@@ -8,19 +8,24 @@ from .api import (
     extract_vector,
     import_vector,
     scan,
+    sweep,
     verify_adapter,
 )
 from .errors import LoraCompileError
+from .extract import ContrastPair, read_pairs
 from .models import LoadedModel, load_model
+from .sweep import SweepResult
 from .targets import PROFILES, TargetProfile
 from .vectors import SteeringVector, load_vector, save_vector
 
 __all__ = [
     "CompileResult",
+    "ContrastPair",
     "LoadedModel",
     "LoraCompileError",
     "PROFILES",
     "SteeringVector",
+    "SweepResult",
     "TargetProfile",
     "check_adapter",
     "compile_adapter",
@@ -29,8 +34,10 @@ __all__ = [
     "import_vector",
     "load_model",
     "load_vector",
+    "read_pairs",
     "save_vector",
     "scan",
+    "sweep",
     "verify_adapter",
 ]
 __version__ = "0.1.0"

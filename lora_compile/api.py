@@ -13,12 +13,14 @@ from .architectures import SITES
 from .calibrate import Calibration, calibrate, project_inputs, self_generate
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
 from .errors import LoraCompileError
+from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
 from .fit import choose_ridge, fit_direction, fit_errors
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .outputs import atomic_file, check_writable
 from .scan import plot_scan, scan_sites, site_keys
+from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
 from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter
-from .vectors import SteeringVector, extract, load_vector, read_pairs, save_vector
+from .vectors import SteeringVector, load_vector, save_vector
 from .verify import VerifyReport, verify
 
 ModelArg = LoadedModel | str | None
@@ -33,6 +35,16 @@ def _model(model: ModelArg) -> LoadedModel:
 
 def _vector(vector: VectorArg) -> SteeringVector:
     return vector if isinstance(vector, SteeringVector) else load_vector(vector)
+
+
+def _select(vector: VectorArg, layers: list[int] | None, site: str | None) -> SteeringVector:
+    """The vector's chosen layers, at ``site`` if given (else the vector's own site)."""
+    steering = _vector(vector).select(layers)
+    if site is None:
+        return steering
+    if site not in SITES:
+        raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+    return SteeringVector(steering.directions, site, dict(steering.metadata))
 
 
 def calibration_samples(
@@ -88,18 +100,46 @@ def scan(
     return result, calibration
 
 
+def _pairs(
+    pairs: str | Path | list[ContrastPair] | None, positive: str | Path | None, negative: str | Path | None
+) -> list[ContrastPair] | None:
+    if (positive is None) != (negative is None):
+        raise LoraCompileError("give both --positive and --negative text files, or a --pairs file")
+    if positive is not None:
+        if pairs is not None:
+            raise LoraCompileError("give either a pairs file or --positive/--negative text files, not both")
+        return read_contrast_texts(positive, negative)
+    if pairs is None or isinstance(pairs, list):
+        return pairs
+    return read_pairs(pairs)
+
+
 def extract_vector(
-    pairs: str | Path,
+    pairs: str | Path | list[ContrastPair] | None,
     layers: list[int],
     model: ModelArg = None,
     out: str | Path | None = None,
     force: bool = False,
+    *,
+    method: str = "mean_diff",
+    position: str = "last",
+    positive: str | Path | None = None,
+    negative: str | Path | None = None,
 ) -> SteeringVector:
-    """Difference of means over contrast pairs at ``resid_post L`` (last token)."""
+    """A steering vector at ``resid_post L`` from contrast pairs, for every layer in one pass.
+
+    ``pairs``: a ``.jsonl`` of ``{positive, negative[, prompt]}`` or a list of pairs;
+    or ``positive``/``negative`` text files paired text by text. ``method``:
+    mean_diff, pca_diff, pca_center; ``position``: last, mean, answer. Per-layer
+    separability is in ``vector.separability`` (and the file's metadata).
+    """
     if out is not None:
         check_writable(out, force)
-    pair_list = read_pairs(pairs)
-    vector = extract(_model(model), pair_list, layers)
+    pair_list = _pairs(pairs, positive, negative)
+    if pair_list is None:
+        raise LoraCompileError("no contrast pairs given: pass a pairs .jsonl or --positive/--negative text files")
+    check_options(method, position)
+    vector = extract(_model(model), pair_list, layers, method, position)
     if out is not None:
         save_vector(vector, out, force)
     return vector
@@ -156,6 +196,45 @@ def export_gguf(
         steering.validate(loaded)
         hint = loaded.model.config.model_type
     return formats.write_gguf(steering, out, hint, force)
+
+
+def sweep(
+    vector: VectorArg,
+    model: ModelArg = None,
+    *,
+    layers: list[int] | None = None,
+    site: str | None = None,
+    coefs: list[float] = DEFAULT_COEFS,
+    pairs: str | Path | list[ContrastPair] | None = None,
+    prompts: TextsArg = None,
+    out_png: str | Path | None = None,
+    out_json: str | Path | None = None,
+    force: bool = False,
+) -> SweepResult:
+    """Behaviour score and KL to unsteered against the coefficient, with true addition (nothing compiled).
+
+    Scores on ``pairs`` (the shipped happy/sad pairs when neither pairs nor prompts
+    are given); KL on ``prompts`` where given, else on the pair texts.
+    """
+    for path in (out_png, out_json):
+        if path is not None:
+            check_writable(path, force)
+    coefs = check_coefs(list(coefs))
+    steering = _select(vector, layers, site)
+    pair_list = _pairs(pairs, None, None)
+    prompt_samples = corpus.load_texts(prompts, []) if prompts else None
+    if pair_list is None and prompt_samples is None:
+        pair_list = read_pairs(corpus.demo_pairs_path())
+    loaded = _model(model)
+    loaded.arch.site(steering.site)
+    steering.validate(loaded)
+    result = sweep_coefficients(loaded, steering, coefs, pair_list, prompt_samples)
+    if out_json is not None:
+        write_json(out_json, result.to_dict(), force)
+    if out_png is not None:
+        with atomic_file(out_png, force) as tmp:
+            plot_sweep(result, tmp)
+    return result
 
 
 @dataclass
@@ -225,11 +304,7 @@ def compile_adapter(
     prof.rank_for(1)
     if not torch.isfinite(torch.tensor(coef)):
         raise LoraCompileError(f"coefficient {coef} is not a finite number")
-    steering = _vector(vector).select(layers)
-    if site is not None:
-        if site not in SITES:
-            raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
-        steering = SteeringVector(steering.directions, site, dict(steering.metadata))
+    steering = _select(vector, layers, site)
     prof.check_site(steering.site)
     loaded = _model(model)
     warnings = []

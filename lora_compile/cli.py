@@ -350,20 +350,119 @@ def check(
         raise typer.Exit(1)
 
 
+def separability_table(vector) -> Table:
+    m = vector.metadata
+    table = Table(title=f"separability of the {m.get('pairs')} pairs ({m.get('method')}, {m.get('position')} token)")
+    for col in ("layer", "‖direction‖", "gap / pooled std", "pairs ordered"):
+        table.add_column(col, justify="right")
+    for layer, sep in sorted(vector.separability.items()):
+        norm = float(vector.directions[layer].norm())
+        table.add_row(str(layer), _fmt(norm), f"{sep['gap_over_std']:.2f}", f"{sep['ordered']:.0%}")
+    return table
+
+
 @app.command()
 def extract(
-    pairs: Annotated[Path, typer.Option("--pairs", help='jsonl of {"positive": ..., "negative": ...}.')],
     layer: Annotated[str, typer.Option("--layer", "-l", help="Layer(s) to read resid_post at, e.g. 18 or 10-20.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Vector file to write (.safetensors).")],
+    pairs: Annotated[
+        Path | None, typer.Option("--pairs", help='jsonl of {"positive": ..., "negative": ...[, "prompt": ...]}.')
+    ] = None,
+    positive: Annotated[
+        Path | None, typer.Option("--positive", help="Positive texts: .txt (one per line) or .jsonl of text records.")
+    ] = None,
+    negative: Annotated[
+        Path | None, typer.Option("--negative", help="Negative texts, paired in order with --positive.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="mean_diff, pca_diff (repeng) or pca_center.")] = "mean_diff",
+    position: Annotated[
+        str, typer.Option(help="Token to read: last, mean (over the text) or answer (chat answer token).")
+    ] = "last",
     model: ModelOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Extract a steering vector from contrast pairs: difference of means at resid_post, last token."""
+    """Extract a steering vector from contrast pairs at resid_post; prints how well each layer separates them."""
 
     def body():
-        vec = api.extract_vector(pairs, _layers(layer) or [], model, output, force)
-        norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in sorted(vec.directions.items()))
-        out.print(f"wrote {output} (‖direction‖ per layer: {norms})")
+        vec = api.extract_vector(
+            pairs,
+            _layers(layer) or [],
+            model,
+            output,
+            force,
+            method=method,
+            position=position,
+            positive=positive,
+            negative=negative,
+        )
+        out.print(separability_table(vec))
+        out.print(f"wrote {output}")
+
+    _run(body)
+
+
+def _coefs(spec: str) -> list[float]:
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError as exc:
+        raise LoraCompileError(f"cannot read coefficients {spec!r}: use e.g. 0,1,2,4,8") from exc
+
+
+def print_sweep(result) -> None:
+    table = Table(title=f"sweep: true addition at {result.site} layer(s) {', '.join(map(str, result.layers))}")
+    for col in ("coef", "score (log-odds gap)", "pairs preferring positive", "KL to unsteered"):
+        table.add_column(col, justify="right")
+    for r in result.rows:
+        scored = r["score"] is not None
+        table.add_row(
+            f"{r['coef']:g}",
+            f"{r['score']:.3f}" if scored else "-",
+            f"{r['ordered']:.0%}" if scored else "-",
+            _fmt(r["kl"]),
+        )
+    out.print(table)
+
+
+@app.command()
+def sweep(
+    vector: Annotated[
+        Path, typer.Option("--vector", "-v", help="Steering vector: safetensors with direction.N tensors.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Plot to write (.png).")],
+    layers: Annotated[str | None, typer.Option(help="Layers of the vector to add (default: all).")] = None,
+    coefs: Annotated[str, typer.Option(help="Coefficients, comma-separated (negatives: --coefs=-4,0,4).")] = ",".join(
+        f"{c:g}" for c in api.DEFAULT_COEFS
+    ),
+    pairs: Annotated[
+        Path | None, typer.Option(help="Contrast pairs (.jsonl) for the behaviour score (default: shipped happy/sad).")
+    ] = None,
+    prompts: Annotated[
+        list[Path] | None, typer.Option(help="Prompts (.txt or .jsonl) for the KL (default: the pair texts).")
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="resid_post or resid_mid (default: the vector's own).")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the numbers here (default: the plot's path with .json).")
+    ] = None,
+    model: ModelOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Behaviour score and KL to unsteered against the coefficient, with true addition (compiles nothing)."""
+
+    def body():
+        result = api.sweep(
+            vector,
+            model,
+            layers=_layers(layers),
+            site=site,
+            coefs=_coefs(coefs),
+            pairs=pairs,
+            prompts=prompts,
+            out_png=output,
+            out_json=json_out or output.with_suffix(".json"),
+            force=force,
+        )
+        print_sweep(result)
+        out.print(f"wrote {output} and {json_out or output.with_suffix('.json')}")
 
     _run(body)
 

@@ -1,4 +1,4 @@
-"""Steering-vector files and extraction from contrast pairs.
+"""Steering-vector files: safetensors ``direction.N`` tensors with string metadata.
 
 Our vector file is safetensors with float32 tensors ``direction.N`` and string
 metadata. ``direction.N`` has the llama.cpp / repeng meaning: it is added to the
@@ -8,6 +8,7 @@ output of decoder block N, i.e. ``hidden_states[N+1]`` = ``resid_post N``
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from .architectures import SITES
-from .corpus import read_jsonl
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .outputs import atomic_file, save_safetensors
-from .progress import track
 
 _KEY = re.compile(r"^direction\.(\d+)$")
 
@@ -37,6 +36,12 @@ class SteeringVector:
     @property
     def layers(self) -> list[int]:
         return sorted(self.directions)
+
+    @property
+    def separability(self) -> dict[int, dict[str, float]]:
+        """Per layer, how well the direction separated its contrast pairs (set by extraction)."""
+        raw = self.metadata.get("separability")
+        return {int(k): v for k, v in json.loads(raw).items()} if raw else {}
 
     def select(self, layers: list[int] | None) -> SteeringVector:
         if not layers:
@@ -95,56 +100,3 @@ def load_vector(path: str | Path) -> SteeringVector:
     if site not in SITES:
         raise LoraCompileError(f"{path}: unknown site {site!r} in metadata; expected one of {', '.join(SITES)}")
     return SteeringVector(directions, site, metadata)
-
-
-def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise LoraCompileError(f"pairs file {path} does not exist: pass a .jsonl of {{positive, negative}} objects")
-    pairs = []
-    for where, rec in read_jsonl(path):
-        if not (isinstance(rec.get("positive"), str) and isinstance(rec.get("negative"), str)):
-            raise LoraCompileError(f"{where}: each line needs string fields 'positive' and 'negative'")
-        pairs.append((rec["positive"], rec["negative"]))
-    if not pairs:
-        raise LoraCompileError(f"{path} holds no contrast pairs")
-    return pairs
-
-
-def _last_token_states(
-    loaded: LoadedModel, texts: list[str], layers: list[int], batch_size: int = 16
-) -> dict[int, torch.Tensor]:
-    """``hidden_states[L+1]`` (resid_post L) at each text's last token."""
-    tok = loaded.tokenizer
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        for start in track(range(0, len(texts), batch_size), "reading activations", total=-(-len(texts) // batch_size)):
-            enc = tok(texts[start : start + batch_size], return_tensors="pt", padding=True)
-            with torch.no_grad():
-                hs = loaded.model(**enc.to(loaded.device), output_hidden_states=True, use_cache=False).hidden_states
-            last = enc["attention_mask"].sum(1) - 1
-            rows = torch.arange(last.numel())
-            for layer in layers:
-                out[layer].append(hs[layer + 1][rows, last].float().cpu())
-    finally:
-        tok.padding_side = side
-    return {layer: torch.cat(v) for layer, v in out.items()}
-
-
-def extract(loaded: LoadedModel, pairs: list[tuple[str, str]], layers: list[int]) -> SteeringVector:
-    """Difference of means over contrast pairs at ``resid_post L``, last token.
-
-    Sign: positive texts project higher along the vector.
-    """
-    for layer in layers:
-        loaded.check_layer(layer)
-    positive = _last_token_states(loaded, [p for p, _ in pairs], layers)
-    negative = _last_token_states(loaded, [n for _, n in pairs], layers)
-    directions = {layer: (positive[layer].mean(0) - negative[layer].mean(0)) for layer in layers}
-    return SteeringVector(
-        directions,
-        site="resid_post",
-        metadata={"model": loaded.model_id, "method": "mean_diff", "token": "last", "pairs": str(len(pairs))},
-    )

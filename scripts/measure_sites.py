@@ -14,8 +14,9 @@ from pathlib import Path
 
 from lora_compile import api, corpus
 from lora_compile.calibrate import calibrate
+from lora_compile.extract import extract, read_pairs
 from lora_compile.models import load_model
-from lora_compile.vectors import SteeringVector, extract, read_pairs
+from lora_compile.vectors import SteeringVector
 
 
 def main() -> None:

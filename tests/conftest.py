@@ -7,9 +7,9 @@ import torch
 
 from lora_compile import corpus
 from lora_compile.calibrate import calibrate
+from lora_compile.extract import extract, read_pairs
 from lora_compile.models import LoadedModel, load_model
 from lora_compile.scan import site_keys
-from lora_compile.vectors import extract, read_pairs
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,59 @@ def test_missing_model_file(tmp_path):
     )
 
 
+def test_extract_methods_from_text_files_then_sweep(tiny_dir, tmp_path):
+    (tmp_path / "pos.txt").write_text("".join(f"I am good {i}\n" for i in range(4)))
+    (tmp_path / "neg.txt").write_text("".join(f"I am bad {i}\n" for i in range(4)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"positive": "I am good", "negative": "I am bad"}))
+    vec = tmp_path / "v.safetensors"
+    args = ["--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"), "--layer", "1,3"]
+    extra = ["--method", "pca_diff", "--position", "mean", "--model", tiny_dir]
+    result = runner.invoke(app, ["extract", *args, *extra, "-o", str(vec)])
+    assert result.exit_code == 0, result.output
+    assert "separability" in result.stdout and "warning: only 4 contrast pairs" in result.stderr
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "-v",
+            str(vec),
+            "--layers",
+            "3",
+            "--coefs=-1,0,2",
+            "--pairs",
+            str(pairs),
+            "--model",
+            tiny_dir,
+            "-o",
+            str(tmp_path / "s.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["coef"] for r in rows] == [-1, 0, 2] and rows[1]["kl"] == 0 and rows[0]["kl"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["extract", "--pairs", "p.jsonl", "--layer", "1", "--method", "pca"], "unknown extraction method"),
+        (["extract", "--pairs", "p.jsonl", "--layer", "1", "--position", "first"], "unknown token position"),
+        (["extract", "--pairs", "p.jsonl", "--layer", "7"], "layer 7 is out of range"),
+        (["extract", "--positive", "p.txt", "--negative", "n.txt", "--layer", "1"], "has 3 texts but"),
+        (["sweep", "-v", "v.safetensors", "--coefs", "1,x"], "cannot read coefficients"),
+        (["sweep", "-v", "v.safetensors", "--layers", "2"], "no direction for layer"),
+    ],
+)
+def test_extract_and_sweep_bad_input(tiny_dir, tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"positive": "I am good", "negative": "I am bad"}) + "\n")
+    (tmp_path / "p.txt").write_text("I am good\nI am glad\nI am fine\n")
+    (tmp_path / "n.txt").write_text("I am bad\nI am sad\n")
+    _vector(tmp_path, {1: torch.randn(64)})
+    _fails([*args, "-o", "out.file", "--model", tiny_dir], tmp_path, match)
+
+
 def test_bad_layers_spec(tiny_dir, tmp_path):
     _fails(
         ["extract", "--pairs", "x.jsonl", "--layer", "a-b", "-o", str(tmp_path / "v.safetensors")],
