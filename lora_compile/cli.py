@@ -212,6 +212,14 @@ def compile_cmd(
     heldout: HeldoutOpt = None,
     self_generate: SelfGenOpt = 0,
     seed: Annotated[int, typer.Option(help="Seed for --self-generate sampling.")] = 0,
+    independent: Annotated[
+        bool,
+        typer.Option(
+            "--independent",
+            help="Calibrate every layer on the unsteered model (default: in layer order, "
+            "each under the earlier layers' compiled deltas).",
+        ),
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter."""
@@ -231,6 +239,7 @@ def compile_cmd(
             self_generated=self_generate,
             seed=seed,
             force=force,
+            sequential=not independent,
         )
         print_compile(result.report)
         out.print(f"wrote adapter to {result.adapter_dir}")
