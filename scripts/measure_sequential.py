@@ -23,7 +23,13 @@ def main() -> None:
     parser.add_argument("--sites", default="resid_post,resid_mid")
     parser.add_argument("--layers", default="8,10,12,14")
     parser.add_argument("--coef", type=float, default=4.0)
+    parser.add_argument("--per-domain", type=int, default=0, help="held-out samples per domain (0: all)")
     args = parser.parse_args()
+    heldout, seen = [], {}
+    for s in corpus.default_heldout():
+        seen[s.domain] = seen.get(s.domain, 0) + 1
+        if not args.per_domain or seen[s.domain] <= args.per_domain:
+            heldout.append(s)
     sites, layers = args.sites.split(","), [int(x) for x in args.layers.split(",")]
     loaded = load_model()
     vector = extract(loaded, read_pairs(corpus.demo_pairs_path()), layers)
@@ -36,9 +42,11 @@ def main() -> None:
             for sequential in (False, True):
                 out = Path(tmp) / f"{site}-{sequential}"
                 start = time.time()
-                api.compile_adapter(vec, out, loaded, coef=args.coef, calibration=calibration, sequential=sequential)
+                api.compile_adapter(
+                    vec, out, loaded, coef=args.coef, calibration=calibration, sequential=sequential, heldout=heldout
+                )
                 seconds = time.time() - start
-                report = api.verify_adapter(out, vec, loaded, generations=0)
+                report = api.verify_adapter(out, vec, loaded, prompts=heldout, generations=0)
                 mode = "sequential" if sequential else "independent"
                 print(
                     f"{site:<10}  {mode:<11}  {report.kl_ratio:8.2e}  {report.per_domain['chat']['kl_ratio']:13.2e}"
