@@ -80,9 +80,9 @@ def test_the_report_records_the_mode(compiled):
 
 
 def test_sequential_and_independent_compiles_end_to_end(verified):
-    # Measured (README, "Multi-layer vectors"): on this model and vector the two modes are
-    # within a few percent of each other; the held-out error is dominated by domain shift,
-    # not by the shift the earlier layers' steering causes.
+    # Measured (README, "Multi-layer vectors"): at resid_mid the sequential compile wins
+    # (KL ratio 0.71×, chat 0.60×); at resid_post the held-out error is dominated by domain
+    # shift and the two modes are within 15% of each other.
     for site in SITES:
         seq, ind = verified[site, True], verified[site, False]
         print(
@@ -96,16 +96,22 @@ def test_sequential_and_independent_compiles_end_to_end(verified):
         assert seq.per_domain["chat"]["kl_ratio"] <= 1.5 * ind.per_domain["chat"]["kl_ratio"], site
         assert seq.top1_agreement >= ind.top1_agreement - 0.02, site
         assert seq.delta_rel_error <= 1.05 * ind.delta_rel_error, site
+    seq, ind = verified["resid_mid", True], verified["resid_mid", False]
+    assert seq.kl_ratio < 0.85 * ind.kl_ratio and seq.delta_rel_error < 0.9 * ind.delta_rel_error
+    assert seq.per_domain["chat"]["kl_ratio"] < 0.8 * ind.per_domain["chat"]["kl_ratio"]
+    assert seq.top1_agreement > ind.top1_agreement
 
 
-def test_sequential_lowers_the_added_vector_error_at_the_deepest_layer(layer_errors):
+def test_sequential_lowers_the_added_vector_error_at_the_deepest_resid_post_layer(layer_errors):
     for site in SITES:
         seq, ind = layer_errors[site, True], layer_errors[site, False]
         print(site, {layer: f"{ind[layer]:.4f} → {seq[layer]:.4f}" for layer in LAYERS})
         # The first layer is calibrated on the unsteered model either way: the same direction.
         assert seq[LAYERS[0]] == pytest.approx(ind[LAYERS[0]], rel=1e-6)
-        # The deepest layer sees the most steering upstream: there the sequential fit helps.
-        assert seq[LAYERS[-1]] < ind[LAYERS[-1]], (site, seq, ind)
+    # The deepest layer sees the most steering upstream: there the sequential fit helps even
+    # at resid_post, where it does not help overall (measured 0.205 → 0.176).
+    seq, ind = layer_errors["resid_post", True], layer_errors["resid_post", False]
+    assert seq[LAYERS[-1]] < 0.95 * ind[LAYERS[-1]], (seq, ind)
 
 
 def test_reported_fit_errors_are_what_the_served_adapter_adds(compiled, layer_errors):
