@@ -10,7 +10,7 @@ import torch
 
 from . import corpus, formats
 from .architectures import SITES
-from .calibrate import Calibration, calibrate, project_inputs, self_generate
+from .calibrate import Calibration, calibrate, calibrate_sequential, compiled_deltas, project_inputs, self_generate
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
@@ -264,7 +264,8 @@ def _model_card(report: dict) -> str:
         "",
         "The RMS column is the predicted relative error of the added vector per token. "
         "`lora-compile verify` measures it against true activation addition. "
-        f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}.",
+        f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}"
+        + ("; layers calibrated in order, each under the earlier layers' deltas." if report["sequential"] else "."),
         "",
         f"Serving target: `{report['target']}` (rank {report['rank']}, zero-padded; {report['dtype']} tensors). "
         f"`lora-compile check` lints the adapter against every target.",
@@ -292,11 +293,19 @@ def compile_adapter(
     target: str = DEFAULT_TARGET,
     dtype: str | None = None,
     base_model_id: str | None = None,
+    sequential: bool = True,
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
     ``dtype``: of the saved tensors (default: the target's); ``base_model_id``: the served model's
     id, written as ``base_model_name_or_path`` (default: the loaded model's id).
+
+    ``sequential`` (several layers): calibrate and fit in layer order, each layer under
+    the compiled deltas of the earlier ones, since steering early moves every later
+    writer's inputs; False calibrates every layer on the unsteered model. A passed
+    ``calibration`` (e.g. from scan) then serves only the first layer; the others are
+    calibrated again on ``texts``. Fit errors are measured on ``heldout`` with the
+    compiled deltas of all layers applied, as the served model sees them.
     """
     check_writable(out_dir, force)
     prof = profile(target)
@@ -316,15 +325,27 @@ def compile_adapter(
     loaded.arch.site(steering.site)
     steering.validate(loaded)
     keys = [(steering.site, layer) for layer in steering.layers]
-    if calibration is None or not set(keys) <= calibration.moments.keys():
-        calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
-    lambdas = {k: ridge if ridge is not None else choose_ridge(calibration.moments[k]) for k in keys}
-    directions = {k: fit_direction(calibration.moments[k], direction, lambdas[k]) for k in keys}
+    vectors = {k: coef * steering.directions[k[1]] for k in keys}
+    lambdas: dict = {}
+
+    def fit(key, moments):
+        lambdas[key] = ridge if ridge is not None else choose_ridge(moments)
+        return fit_direction(moments, direction, lambdas[key])
+
+    sequential = sequential and len(keys) > 1
+    if sequential:
+        samples = calibration_samples(loaded, texts, self_generated, seed)
+        calibration, directions = calibrate_sequential(loaded, samples, vectors, fit, calibration)
+    else:
+        if calibration is None or not set(keys) <= calibration.moments.keys():
+            calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
+        directions = {k: fit(k, calibration.moments[k]) for k in keys}
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
-    projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
+    with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in keys}):
+        projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     steered, layer_reports = [], []
     for key in keys:
-        vec = coef * steering.directions[key[1]]
+        vec = vectors[key]
         steered.append(SiteWeights(key[0], key[1], directions[key], vec))
         layer_reports.append(
             {
@@ -348,6 +369,7 @@ def compile_adapter(
         "site": steering.site,
         "coef": coef,
         "direction": direction,
+        "sequential": sequential,
         "calibration": {
             "tokens": calibration.tokens,
             "domains": calibration.domains,

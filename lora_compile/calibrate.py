@@ -8,6 +8,11 @@ after the deepest layer needed. Moments are additive: shards combine with ``+``.
 
 The same streaming machinery projects held-out inputs onto fitted directions
 (``project_inputs``), which is how fit errors are measured.
+
+Several layers are calibrated in layer order (``calibrate_sequential``), each under
+the compiled deltas of the earlier ones (``compiled_deltas``): steering an early
+layer moves the inputs of every later writer, as in sequential post-training
+quantisation.
 """
 
 from __future__ import annotations
@@ -219,6 +224,67 @@ def calibrate(
         domains=domains,
         fixed_prefix=prefix,
     )
+
+
+@contextmanager
+def compiled_deltas(loaded: LoadedModel, steered: dict[SiteKey, tuple[torch.Tensor, torch.Tensor]]):
+    """Forward hooks adding what the compiled rank-1 LoRA adds: ``(b·x)·v`` on each site's writers.
+
+    ``steered``: per site, the fitted direction ``b`` (over the concatenated writer
+    inputs) and the vector ``v`` (``coef·s``). Each writer adds its part of ``b·x``.
+    """
+    handles = []
+
+    def adder(part: torch.Tensor, vec: torch.Tensor) -> Callable:
+        def hook(_module, args, output):
+            return output + (args[0] @ part.to(args[0].dtype))[..., None] * vec.to(output.dtype)
+
+        return hook
+
+    try:
+        for (site, layer), (direction, vec) in steered.items():
+            writers = loaded.arch.writers(site, layer)
+            parts = torch.split(direction.to(loaded.device), [loaded.module(w).in_features for w in writers])
+            for writer, part in zip(writers, parts):
+                handles.append(loaded.module(writer).register_forward_hook(adder(part, vec.to(loaded.device))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate_sequential(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    vectors: dict[SiteKey, torch.Tensor],
+    fit: Callable[[SiteKey, Moments], torch.Tensor],
+    first: Calibration | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+) -> tuple[Calibration, dict[SiteKey, torch.Tensor]]:
+    """Calibrate and fit the sites of ``vectors`` in layer order, each under the earlier sites' compiled deltas.
+
+    Returns the moments (each measured under the deltas of the sites before it) and
+    the directions ``fit(key, moments)``. ``first``: precomputed moments for the
+    shallowest site (e.g. from scan); every later site depends on the fits before it,
+    so it is calibrated here on ``samples``. Within a layer, ``resid_mid`` comes before
+    ``resid_post`` (name order is forward order).
+
+    Cost: one pass over ``samples`` per site, each stopped after its layer, so
+    Σ (L_k + 1) decoder layers of compute instead of max (L_k + 1) for an independent
+    calibration (layers 8, 10, 12, 14: 48 against 15, 3.2×). Passes cannot be shared:
+    site k's inputs depend on the fit of site k − 1 over all of ``samples``.
+    """
+    moments: dict[SiteKey, Moments] = {}
+    directions: dict[SiteKey, torch.Tensor] = {}
+    part = first
+    for i, key in enumerate(sorted(vectors, key=lambda k: (k[1], k[0]))):
+        if i > 0 or part is None or key not in part.moments:
+            with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in directions}):
+                part = calibrate(loaded, samples, [key], batch_tokens)
+        moments[key] = part.moments[key]
+        directions[key] = fit(key, moments[key])
+    calibration = Calibration(loaded.model_id, moments, part.tokens, part.domains, part.fixed_prefix)
+    return calibration, directions
 
 
 @dataclass

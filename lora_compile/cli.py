@@ -226,6 +226,14 @@ def compile_cmd(
         str | None,
         typer.Option(help="The served model's id for base_model_name_or_path (default: the model's own id)."),
     ] = None,
+    independent: Annotated[
+        bool,
+        typer.Option(
+            "--independent",
+            help="Calibrate every layer on the unsteered model (default: in layer order, "
+            "each under the earlier layers' compiled deltas).",
+        ),
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
@@ -248,6 +256,7 @@ def compile_cmd(
             target=target,
             dtype=dtype,
             base_model_id=base_model_id,
+            sequential=not independent,
         )
         print_compile(result.report)
         for warning in result.report["warnings"]:

@@ -1,7 +1,15 @@
 import torch
 
 from lora_compile import corpus
-from lora_compile.calibrate import Moments, calibrate, encode, project_inputs, self_generate
+from lora_compile.calibrate import (
+    Moments,
+    calibrate,
+    calibrate_sequential,
+    compiled_deltas,
+    encode,
+    project_inputs,
+    self_generate,
+)
 from lora_compile.corpus import Sample
 
 TEXTS = [
@@ -13,17 +21,25 @@ TEXTS = [
 KEYS = [("resid_mid", 1), ("resid_post", 1), ("resid_post", 2)]
 
 
-def _reference_moments(loaded, samples, key):
-    """Writer inputs captured one sample at a time (no padding), summed directly."""
+def _reference_moments(loaded, samples, key, steer=None):
+    """Writer inputs captured one sample at a time (no padding), summed directly.
+
+    ``steer``: (writer, b, v): a plain hook on that writer adds ``(b·x)·v`` meanwhile.
+    """
     writer = loaded.arch.writers(*key)[0]
     xs = []
-    handle = loaded.module(writer).register_forward_pre_hook(lambda _m, args: xs.append(args[0][0].double()))
+    handles = [loaded.module(writer).register_forward_pre_hook(lambda _m, args: xs.append(args[0][0].double()))]
+    if steer is not None:
+        other, b, v = steer
+        add = lambda _m, args, out: out + (args[0].double() @ b)[..., None].float() * v  # noqa: E731
+        handles.append(loaded.module(other).register_forward_hook(add))
     try:
         for ids in encode(loaded, samples):
             with torch.no_grad():
                 loaded.model(input_ids=torch.tensor([ids]))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     x = torch.cat(xs)
     return x.T @ x, x.sum(0), x.shape[0]
 
@@ -103,3 +119,49 @@ def test_odd_samples_form_the_cross_validation_fold(tiny):
         fold = cal.moments[key].fold
         assert fold.count == odd.moments[key].count
         torch.testing.assert_close(fold.gram, odd.moments[key].gram, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_moments_are_measured_under_the_earlier_layers_delta(tiny):
+    first, second = ("resid_mid", 1), ("resid_post", 2)
+    torch.manual_seed(1)
+    vectors = {first: 5 * torch.randn(64), second: torch.randn(64)}
+    fitted = []
+
+    def fit(key, moments):
+        fitted.append(key)
+        return moments.total / moments.count / (moments.total / moments.count).pow(2).sum()  # b·mean(x) = 1
+
+    cal, directions = calibrate_sequential(tiny, TEXTS, vectors, fit)
+    assert fitted == [first, second] and cal.moments.keys() == {first, second}
+    unsteered = calibrate(tiny, TEXTS, [first, second])
+    torch.testing.assert_close(cal.moments[first].gram, unsteered.moments[first].gram)
+    writer = tiny.arch.writers(*first)[0]
+    gram, total, count = _reference_moments(tiny, TEXTS, second, (writer, directions[first], vectors[first]))
+    m = cal.moments[second]
+    assert m.count == count == cal.tokens
+    torch.testing.assert_close(m.total, total, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.gram, gram, rtol=1e-4, atol=1e-5)
+    # The delta moved the second site's inputs: these are not the unsteered moments.
+    assert (m.total - unsteered.moments[second].total).norm() > 1e-2 * total.norm()
+    assert m.fold is not None and m.pinned.shape == (len(cal.fixed_prefix), m.dim)
+
+
+def test_sequential_calibration_uses_a_precomputed_calibration_for_the_first_layer_only(tiny):
+    keys = [("resid_post", 1), ("resid_post", 3)]
+    precomputed = calibrate(tiny, TEXTS[:2], keys)
+    vectors = {k: torch.randn(64) for k in keys}
+    cal, _ = calibrate_sequential(tiny, TEXTS, vectors, lambda _k, m: m.total / m.gram.trace(), precomputed)
+    assert cal.moments[keys[0]] is precomputed.moments[keys[0]]
+    assert cal.moments[keys[1]].count == sum(len(t) for t in encode(tiny, TEXTS)) > precomputed.tokens
+
+
+def test_compiled_deltas_add_what_the_lora_adds(tiny):
+    key = ("resid_post", 2)
+    b, v = torch.randn(96, dtype=torch.float64), torch.randn(64)
+    writer = tiny.module(tiny.arch.writers(*key)[0])
+    x = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        plain = writer(x)
+        with compiled_deltas(tiny, {key: (b, v)}):
+            steered = writer(x)
+    torch.testing.assert_close(steered - plain, (x.double() @ b)[..., None].float() * v, rtol=1e-4, atol=1e-4)
