@@ -10,15 +10,16 @@ import torch
 
 from . import corpus
 from .architectures import SITES
-from .calibrate import Calibration, calibrate, project_inputs, self_generate
+from .calibrate import Calibration, calibrate, exact_projections, project_inputs, self_generate
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
 from .errors import LoraCompileError
 from .fit import choose_ridge, fit_direction, fit_errors
+from .merge import adapter_deltas, write_merged
 from .models import LoadedModel, load_model
 from .outputs import atomic_file, check_writable
 from .scan import plot_scan, scan_sites, site_keys
 from .vectors import SteeringVector, extract, load_vector, read_pairs, save_vector
-from .verify import VerifyReport, verify
+from .verify import VerifyReport, served_dtype, verify
 
 ModelArg = LoadedModel | str | None
 # Text files (.txt/.jsonl) or samples; None means the shipped corpus.
@@ -108,6 +109,7 @@ def extract_vector(
 class CompileResult:
     adapter_dir: Path
     report: dict
+    merged_dir: Path | None = None
 
 
 def _model_card(report: dict) -> str:
@@ -127,11 +129,15 @@ def _model_card(report: dict) -> str:
             f"| {x['layer']} | {', '.join(x['writers'])} | {e['rms']:.4g} | {e['max']:.3g} | "
             f"{e['rms_first']:.3g} | {x['vector_norm']:.4g} |"
         )
+    how = (
+        "Exact: an embedding LoRA (`lora_embedding_A` = all ones) adds the vector to every token; nothing is fitted."
+        if report.get("exact")
+        else f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}."
+    )
     lines += [
         "",
         "The RMS column is the predicted relative error of the added vector per token. "
-        "`lora-compile verify` measures it against true activation addition. "
-        f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}.",
+        f"`lora-compile verify` measures it against true activation addition. {how}",
         "",
     ]
     return "\n".join(lines)
@@ -153,9 +159,15 @@ def compile_adapter(
     seed: int = 0,
     force: bool = False,
     calibration: Calibration | None = None,
+    merge_dir: str | Path | None = None,
 ) -> CompileResult:
-    """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``."""
+    """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``.
+
+    ``merge_dir``: also write the base model with the adapter merged into its weights there.
+    """
     check_writable(out_dir, force)
+    if merge_dir is not None:
+        check_writable(merge_dir, force)
     if not torch.isfinite(torch.tensor(coef)):
         raise LoraCompileError(f"coefficient {coef} is not a finite number")
     steering = _vector(vector).select(layers)
@@ -167,12 +179,21 @@ def compile_adapter(
     loaded.arch.site(steering.site)
     steering.validate(loaded)
     keys = [(steering.site, layer) for layer in steering.layers]
-    if calibration is None or not set(keys) <= calibration.moments.keys():
-        calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
-    lambdas = {k: ridge if ridge is not None else choose_ridge(calibration.moments[k]) for k in keys}
-    directions = {k: fit_direction(calibration.moments[k], direction, lambdas[k]) for k in keys}
+    exact = loaded.arch.site(steering.site).embedding
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
-    projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
+    if exact:
+        # An embedding LoRA's input is a one-hot token: b = 1 gives b·x = 1 exactly, nothing to fit.
+        vocab = loaded.module(loaded.arch.writers(*keys[0])[0]).num_embeddings
+        directions = {k: torch.ones(vocab, dtype=torch.float64) for k in keys}
+        calibration = Calibration(loaded.model_id, {}, 0, {}, [])
+        projections = {k: exact_projections(loaded, heldout_samples) for k in keys}
+        direction, lambdas = "exact", {}
+    else:
+        if calibration is None or not set(keys) <= calibration.moments.keys():
+            calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
+        lambdas = {k: ridge if ridge is not None else choose_ridge(calibration.moments[k]) for k in keys}
+        directions = {k: fit_direction(calibration.moments[k], direction, lambdas[k]) for k in keys}
+        projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     steered, layer_reports = [], []
     for key in keys:
         vec = coef * steering.directions[key[1]]
@@ -184,7 +205,7 @@ def compile_adapter(
                 "fit_error": {d: e.to_dict() for d, e in fit_errors(projections[key]).items()},
                 "vector_norm": float(vec.norm()),
                 "direction_norm": float(directions[key].norm()),
-                "ridge": lambdas[key] if direction == "ridge" else None,
+                "ridge": lambdas.get(key) if direction == "ridge" else None,
             }
         )
     tensors = adapter_tensors(loaded, steered)
@@ -194,6 +215,7 @@ def compile_adapter(
         "site": steering.site,
         "coef": coef,
         "direction": direction,
+        "exact": exact,
         "calibration": {
             "tokens": calibration.tokens,
             "domains": calibration.domains,
@@ -208,7 +230,20 @@ def compile_adapter(
         "target_modules": targets,
     }
     out = write_adapter(out_dir, tensors, adapter_config(loaded.model_id, targets), report, _model_card(report), force)
-    return CompileResult(out, report)
+    if merge_dir is not None:
+        merge_adapter(out, merge_dir, loaded, force=force)
+    return CompileResult(out, report, Path(merge_dir) if merge_dir is not None else None)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, model: ModelArg = None, *, force: bool = False) -> Path:
+    """Write the base model with the adapter merged into its weights (``save_pretrained`` layout).
+
+    For self-hosting without LoRA. The merge is done in float64; tied embeddings are untied
+    where an embedding LoRA is merged, so the output head is not steered.
+    """
+    check_writable(out_dir, force)
+    adapter_deltas(adapter_dir)  # refuse a bad adapter before loading the model
+    return write_merged(_model(model), adapter_dir, out_dir, force)
 
 
 def verify_adapter(
@@ -220,11 +255,15 @@ def verify_adapter(
     coef: float | None = None,
     generations: int = 3,
     max_new_tokens: int = 32,
+    dtype: str = "float32",
 ) -> VerifyReport:
     """Compare the adapter (loaded with PEFT) with true addition on held-out prompts.
 
     Site, layers and coefficient come from the adapter's compile report where it has one.
+    ``dtype`` (float32, bfloat16, float16): the base model, the adapter and the reference all
+    run in it, as a server runs them (a cast copy of the model; the model passed in is kept).
     """
+    torch_dtype = served_dtype(dtype)
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraCompileError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
@@ -236,7 +275,7 @@ def verify_adapter(
             steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
         )
         coef = report["coef"] if coef is None else coef
-    loaded = _model(model)
+    loaded = _model(model).in_dtype(torch_dtype)
     steering.validate(loaded)
     samples = corpus.load_texts(prompts, corpus.default_heldout())
     chats = [s for s in samples if s.is_chat][:generations]

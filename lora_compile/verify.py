@@ -2,7 +2,9 @@
 
 True addition adds ``coef·s`` to the output of the site's hook module (DESIGN §3)
 with a forward hook; the compiled adapter is loaded with ``peft.PeftModel``, the
-client servers mimic. Both run on held-out prompts (not calibration text).
+client servers mimic, cast as servers cast it (scaling folded into B, A and B in
+the model's dtype). Both run on held-out prompts (not calibration text), in the
+model's dtype: run a bfloat16 copy of the model to see what a bfloat16 server gives.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch.nn.functional as F
 
 from .calibrate import _batches, encode
 from .corpus import Sample
+from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
 
 VERIFY_MAX_TOKENS = 256
+SERVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_KL_RATIO = 0.05
 
 
@@ -48,13 +52,42 @@ def true_addition(loaded: LoadedModel, vector: SteeringVector, coef: float = 1.0
             h.remove()
 
 
+def served_dtype(name: str) -> torch.dtype:
+    """The torch dtype a server runs in, from its name (float32, bfloat16, float16)."""
+    if name not in SERVED_DTYPES:
+        raise LoraCompileError(f"unknown dtype {name!r}: use one of {', '.join(SERVED_DTYPES)}")
+    return SERVED_DTYPES[name]
+
+
+def _cast_as_served(peft_model: torch.nn.Module) -> None:
+    """Fold each LoRA's scaling into B and cast A and B to the base layer's dtype, as vLLM does.
+
+    (PEFT itself would keep float32 adapters on a bfloat16 base; servers do not.)
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        dtype = module.get_base_layer().weight.dtype
+        for name, scaling in module.scaling.items():
+            if name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            else:
+                a, b = module.lora_embedding_A[name], module.lora_embedding_B[name]
+            b.data = (b.data.double() * scaling).to(dtype)
+            a.data = a.data.to(dtype)
+            module.scaling[name] = 1.0
+
+
 @contextmanager
 def peft_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Iterator[torch.nn.Module]:
-    """The base model with the adapter loaded by PEFT; the base is restored on exit."""
+    """The base model with the adapter loaded by PEFT as servers use it; the base is restored on exit."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), autocast_adapter_dtype=False)
     peft_model.eval()
+    _cast_as_served(peft_model)
     try:
         yield peft_model
     finally:
@@ -91,6 +124,7 @@ class VerifyReport:
     delta_rel_error: float  # RMS over tokens of ‖Δ − coef·s‖ / ‖coef·s‖, positions ≥ 1
     delta_rel_error_first: float  # the same at position 0
     tokens: int
+    dtype: str = "float32"  # what the base model, the adapter and the reference ran in
     per_domain: dict[str, dict[str, float]] = field(default_factory=dict)
     generations: list[dict] = field(default_factory=list)
 
@@ -206,6 +240,7 @@ def verify(
         delta_rel_error=rms(torch.cat(rel)),
         delta_rel_error_first=rms(torch.cat(rel_first)),
         tokens=int(kl_c_all.numel()),
+        dtype=str(loaded.dtype).removeprefix("torch."),
         per_domain=per_domain,
         generations=gens,
     )
