@@ -150,3 +150,24 @@ def test_bad_layers_spec(tiny_dir, tmp_path):
         tmp_path,
         "cannot read layers",
     )
+
+
+def test_resid_pre_compile_merge_and_verify_in_two_dtypes(tiny_dir, tmp_path, texts):
+    vec = str(save_vector(SteeringVector({0: 2.0 * torch.randn(64)}, "resid_pre"), tmp_path / "pre.safetensors"))
+    out, merged = tmp_path / "adapter", tmp_path / "merged"
+    result = runner.invoke(
+        app, ["compile", "-v", vec, "-o", str(out), "--merge", str(merged), "--model", tiny_dir, *texts]
+    )
+    assert result.exit_code == 0, result.output
+    assert "0 (exact)" in result.output and (merged / "config.json").is_file()
+    report = json.loads((out / "compile_report.json").read_text())
+    assert report["exact"] and report["layers"][0]["fit_error"]["all"]["rms"] == 0.0
+    args = ["verify", "-a", str(out), "-v", vec, "--model", tiny_dir, "--prompts", texts[-1], "--generations", "0"]
+    ok = runner.invoke(app, [*args, "--dtype", "float32", "--dtype", "bfloat16", "--json", str(tmp_path / "v.json")])
+    assert ok.exit_code == 0, ok.output
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["dtype"] == "float32" and sorted(data["by_dtype"]) == ["bfloat16", "float32"]
+    assert all(v["kl_ratio"] < 1e-6 for v in data["by_dtype"].values()), data["by_dtype"]  # exact in both
+    assert "by served dtype" in ok.output
+    _fails([*args, "--dtype", "int8"], tmp_path, "unknown dtype 'int8'")
+    _fails(["merge", "-a", str(out), "-o", str(merged), "--model", tiny_dir], tmp_path, "already exists")
