@@ -262,6 +262,8 @@ def verify_adapter(
     Site, layers and coefficient come from the adapter's compile report where it has one.
     ``dtype`` (float32, bfloat16, float16): the base model, the adapter and the reference all
     run in it, as a server runs them (a cast copy of the model; the model passed in is kept).
+    Below float32, both are also compared with true addition in float32, which separates
+    the adapter's error from the dtype's own rounding (``kl_excess_ratio``).
     """
     torch_dtype = served_dtype(dtype)
     adapter_dir = Path(adapter_dir)
@@ -275,8 +277,11 @@ def verify_adapter(
             steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
         )
         coef = report["coef"] if coef is None else coef
-    loaded = _model(model).in_dtype(torch_dtype)
+    float32_model = _model(model).in_dtype(torch.float32)
+    loaded = float32_model.in_dtype(torch_dtype)
     steering.validate(loaded)
     samples = corpus.load_texts(prompts, corpus.default_heldout())
     chats = [s for s in samples if s.is_chat][:generations]
-    return verify(loaded, adapter_dir, steering, samples, 1.0 if coef is None else coef, chats, max_new_tokens)
+    coef = 1.0 if coef is None else coef
+    reference = float32_model if loaded is not float32_model else None
+    return verify(loaded, adapter_dir, steering, samples, coef, chats, max_new_tokens, reference)

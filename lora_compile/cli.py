@@ -155,6 +155,12 @@ def print_verify(report: VerifyReport) -> None:
         f"added-vector relative error per token: rms {_fmt(report.delta_rel_error)} "
         f"(first token {_fmt(report.delta_rel_error_first)})"
     )
+    if report.kl_dtype_floor is not None:
+        out.print(
+            f"against true addition in float32: KL {_fmt(report.kl_compiled_vs_float32)} compiled in {report.dtype}, "
+            f"{_fmt(report.kl_dtype_floor)} true addition in {report.dtype} (the dtype's own floor); "
+            f"excess ratio {_fmt(report.kl_excess_ratio)}"
+        )
     for g in report.generations:
         out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")
 
@@ -326,12 +332,14 @@ def verify(
 
 def dtype_summary(report: VerifyReport) -> dict:
     keys = ("kl_compiled", "kl_unsteered", "kl_ratio", "top1_agreement", "delta_rel_error", "tokens")
-    return {k: getattr(report, k) for k in keys}
+    floor = ("kl_dtype_floor", "kl_compiled_vs_float32", "kl_excess_ratio")
+    return {k: getattr(report, k) for k in keys + floor}
 
 
 def dtype_table(reports: list[VerifyReport]) -> Table:
     table = Table(title="verify by served dtype (both sides in that dtype)")
-    for col in ("dtype", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree", "Δ rel error"):
+    cols = ("dtype", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree", "Δ rel error")
+    for col in cols + ("dtype floor", "excess ratio"):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     for r in reports:
         table.add_row(
@@ -341,6 +349,8 @@ def dtype_table(reports: list[VerifyReport]) -> Table:
             _fmt(r.kl_ratio),
             f"{r.top1_agreement:.1%}",
             _fmt(r.delta_rel_error),
+            "-" if r.kl_dtype_floor is None else _fmt(r.kl_dtype_floor),
+            _fmt(r.kl_ratio if r.kl_excess_ratio is None else r.kl_excess_ratio),
         )
     return table
 
