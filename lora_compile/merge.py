@@ -67,6 +67,10 @@ def merged_model(loaded: LoadedModel, adapter_dir: str | Path) -> nn.Module:
     """A copy of the model with the adapter merged into its weights (the loaded model is untouched)."""
     deltas = adapter_deltas(adapter_dir)
     model = copy.deepcopy(loaded.model)
+    # A GGUF file loads dequantised but keeps its (unserialisable) quantizer: the copy is plain weights.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     for path, delta in deltas.items():
         try:
             module = model.get_submodule(path)

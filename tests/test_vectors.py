@@ -91,3 +91,12 @@ def test_bad_pairs(tmp_path):
     p.write_text(json.dumps({"positive": "a"}) + "\n")
     with pytest.raises(LoraCompileError, match="'positive' and 'negative'"):
         read_pairs(p)
+
+
+def test_resid_pre_vectors_load_and_exist_only_at_layer_0(tiny, tmp_path):
+    path = save_vector(SteeringVector({0: torch.randn(64)}, "resid_pre"), tmp_path / "pre.safetensors")
+    back = load_vector(path)
+    assert back.site == "resid_pre" and back.layers == [0]
+    back.validate(tiny)
+    with pytest.raises(LoraCompileError, match="only at layer"):
+        SteeringVector({2: torch.randn(64)}, "resid_pre").validate(tiny)

@@ -148,3 +148,14 @@ def test_bfloat16_serving_adds_no_error_beyond_bfloat16_rounding(smol, mid18, he
     # what it adds on top is within 2x of its float32 error.
     assert abs(bf16.kl_excess_ratio) <= 2 * fp32.kl_ratio, (bf16.kl_excess_ratio, fp32.kl_ratio)
     assert bf16.kl_compiled_vs_float32 <= 1.05 * bf16.kl_dtype_floor
+
+
+def test_true_addition_at_resid_pre_adds_to_hidden_states_0(tiny):
+    vec = SteeringVector({0: torch.randn(64)}, "resid_pre")
+    ids = torch.tensor([[1, 17, 300, 5]])
+    with torch.no_grad():
+        before = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+        with true_addition(tiny, vec, 2.0):
+            after = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(after[0] - before[0], (2.0 * vec.directions[0]).expand(1, 4, -1), rtol=0, atol=1e-6)
+    assert not torch.allclose(after[1], before[1])
