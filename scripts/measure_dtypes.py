@@ -29,7 +29,7 @@ def main() -> None:
         prompts = [s for d in sorted({s.domain for s in prompts}) for s in [p for p in prompts if p.domain == d][:3]]
     vector = extract(loaded, read_pairs(corpus.demo_pairs_path()), [0, 18])
     calibration = calibrate(loaded, corpus.default_calibration(), [("resid_mid", 18)])
-    print(f"{len(prompts)} prompts; site, dtype, KL ratio, dtype floor KL, excess ratio, top-1, delta rel error")
+    print(f"{len(prompts)} prompts; site, dtype, KL ratio, floor KL, KL vs float32, excess, top-1, delta error")
     with tempfile.TemporaryDirectory() as tmp:
         for site, layer, source in (("resid_mid", 18, 18), ("resid_pre", 0, 0)):
             vec = SteeringVector({layer: vector.directions[source]}, site)
@@ -37,7 +37,7 @@ def main() -> None:
             api.compile_adapter(vec, out, loaded, coef=args.coef, calibration=calibration)
             for dtype in ("float32", "bfloat16", "float16"):
                 r = api.verify_adapter(out, vec, loaded, prompts=prompts, generations=0, dtype=dtype)
-                floor = "-" if r.kl_dtype_floor is None else f"{r.kl_dtype_floor:.3g}"
+                floor = "-" if r.kl_dtype_floor is None else f"{r.kl_dtype_floor:.4g} {r.kl_compiled_vs_float32:.4g}"
                 excess = r.kl_ratio if r.kl_excess_ratio is None else r.kl_excess_ratio
                 print(
                     f"{site} {layer}  {dtype:9s} {r.kl_ratio:.3g}  {floor}  {excess:.3g}  "
