@@ -171,3 +171,8 @@ def test_resid_pre_compile_merge_and_verify_in_two_dtypes(tiny_dir, tmp_path, te
     assert "by served dtype" in ok.output
     _fails([*args, "--dtype", "int8"], tmp_path, "unknown dtype 'int8'")
     _fails(["merge", "-a", str(out), "-o", str(merged), "--model", tiny_dir], tmp_path, "already exists")
+
+
+def test_scan_refuses_the_exact_site(tiny_dir, tmp_path, texts):
+    args = ["scan", "--model", tiny_dir, "--site", "resid_pre", "-o", str(tmp_path), *texts]
+    _fails(args, tmp_path, "nothing to scan")
