@@ -51,7 +51,7 @@ def _file(tmp_path, tensors, metadata=None):
     [
         ({"other": torch.zeros(4)}, None, "no direction.N tensors"),
         ({"direction.1": torch.zeros(4, dtype=torch.int32)}, None, "floating point"),
-        ({"direction.1": torch.zeros(4)}, {"site": "resid_pre"}, "unknown site"),
+        ({"direction.1": torch.zeros(4)}, {"site": "resid_in"}, "unknown site"),
     ],
 )
 def test_bad_vector_files(tmp_path, tensors, metadata, match):
