@@ -10,18 +10,27 @@ import torch
 
 from . import corpus, formats
 from .architectures import SITES
-from .calibrate import Calibration, calibrate, calibrate_sequential, compiled_deltas, project_inputs, self_generate
+from .calibrate import (
+    Calibration,
+    calibrate,
+    calibrate_sequential,
+    compiled_deltas,
+    exact_projections,
+    project_inputs,
+    self_generate,
+)
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
 from .fit import choose_ridge, fit_direction, fit_errors
+from .merge import adapter_deltas, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .outputs import atomic_file, check_writable
 from .scan import plot_scan, scan_sites, site_keys
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
 from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter
 from .vectors import SteeringVector, load_vector, save_vector
-from .verify import VerifyReport, verify
+from .verify import VerifyReport, served_dtype, verify
 
 ModelArg = LoadedModel | str | None
 # Text files (.txt/.jsonl) or samples; None means the shipped corpus.
@@ -241,6 +250,7 @@ def sweep(
 class CompileResult:
     adapter_dir: Path
     report: dict
+    merged_dir: Path | None = None
 
 
 def _model_card(report: dict) -> str:
@@ -260,12 +270,15 @@ def _model_card(report: dict) -> str:
             f"| {x['layer']} | {', '.join(x['writers'])} | {e['rms']:.4g} | {e['max']:.3g} | "
             f"{e['rms_first']:.3g} | {x['vector_norm']:.4g} |"
         )
+    how = (
+        "Exact: an embedding LoRA (`lora_embedding_A` = all ones) adds the vector to every token; nothing is fitted."
+        if report.get("exact")
+        else f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}."
+    )
     lines += [
         "",
         "The RMS column is the predicted relative error of the added vector per token. "
-        "`lora-compile verify` measures it against true activation addition. "
-        f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}"
-        + ("; layers calibrated in order, each under the earlier layers' deltas." if report["sequential"] else "."),
+        f"`lora-compile verify` measures it against true activation addition. {how}",
         "",
         f"Serving target: `{report['target']}` (rank {report['rank']}, zero-padded; {report['dtype']} tensors). "
         f"`lora-compile check` lints the adapter against every target.",
@@ -294,6 +307,7 @@ def compile_adapter(
     dtype: str | None = None,
     base_model_id: str | None = None,
     sequential: bool = True,
+    merge_dir: str | Path | None = None,
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
@@ -305,9 +319,13 @@ def compile_adapter(
     writer's inputs; False calibrates every layer on the unsteered model. A passed
     ``calibration`` (e.g. from scan) then serves only the first layer; the others are
     calibrated again on ``texts``. Fit errors are measured on ``heldout`` with the
-    compiled deltas of all layers applied, as the served model sees them.
+    compiled deltas of all layers applied, as the served model sees them. ``resid_pre`` (an
+    embedding LoRA) is exact: nothing is calibrated or fitted. ``merge_dir``: also write the
+    base model with the adapter merged into its weights there.
     """
     check_writable(out_dir, force)
+    if merge_dir is not None:
+        check_writable(merge_dir, force)
     prof = profile(target)
     prof.check_dtype(dtype or prof.default_dtype)
     prof.rank_for(1)
@@ -332,17 +350,26 @@ def compile_adapter(
         lambdas[key] = ridge if ridge is not None else choose_ridge(moments)
         return fit_direction(moments, direction, lambdas[key])
 
-    sequential = sequential and len(keys) > 1
-    if sequential:
-        samples = calibration_samples(loaded, texts, self_generated, seed)
-        calibration, directions = calibrate_sequential(loaded, samples, vectors, fit, calibration)
-    else:
-        if calibration is None or not set(keys) <= calibration.moments.keys():
-            calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
-        directions = {k: fit(k, calibration.moments[k]) for k in keys}
+    exact = loaded.arch.site(steering.site).embedding
+    sequential = sequential and len(keys) > 1 and not exact
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
-    with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in keys}):
-        projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
+    if exact:
+        # An embedding LoRA's input is a one-hot token: b = 1 gives b·x = 1 exactly, nothing to fit.
+        vocab = loaded.module(loaded.arch.writers(*keys[0])[0]).num_embeddings
+        directions = {k: torch.ones(vocab, dtype=torch.float64) for k in keys}
+        calibration = Calibration(loaded.model_id, {}, 0, {}, [])
+        projections = {k: exact_projections(loaded, heldout_samples) for k in keys}
+        direction = "exact"
+    else:
+        if sequential:
+            samples = calibration_samples(loaded, texts, self_generated, seed)
+            calibration, directions = calibrate_sequential(loaded, samples, vectors, fit, calibration)
+        else:
+            if calibration is None or not set(keys) <= calibration.moments.keys():
+                calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
+            directions = {k: fit(k, calibration.moments[k]) for k in keys}
+        with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in keys}):
+            projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     steered, layer_reports = [], []
     for key in keys:
         vec = vectors[key]
@@ -354,7 +381,7 @@ def compile_adapter(
                 "fit_error": {d: e.to_dict() for d, e in fit_errors(projections[key]).items()},
                 "vector_norm": float(vec.norm()),
                 "direction_norm": float(directions[key].norm()),
-                "ridge": lambdas[key] if direction == "ridge" else None,
+                "ridge": lambdas.get(key) if direction == "ridge" else None,
             }
         )
     tensors = adapter_tensors(loaded, steered, prof, dtype)
@@ -370,6 +397,7 @@ def compile_adapter(
         "coef": coef,
         "direction": direction,
         "sequential": sequential,
+        "exact": exact,
         "calibration": {
             "tokens": calibration.tokens,
             "domains": calibration.domains,
@@ -384,7 +412,20 @@ def compile_adapter(
         "target_modules": targets,
     }
     out = write_adapter(out_dir, tensors, config, report, _model_card(report), force)
-    return CompileResult(out, report)
+    if merge_dir is not None:
+        merge_adapter(out, merge_dir, loaded, force=force)
+    return CompileResult(out, report, Path(merge_dir) if merge_dir is not None else None)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, model: ModelArg = None, *, force: bool = False) -> Path:
+    """Write the base model with the adapter merged into its weights (``save_pretrained`` layout).
+
+    For self-hosting without LoRA. The merge is done in float64; tied embeddings are untied
+    where an embedding LoRA is merged, so the output head is not steered.
+    """
+    check_writable(out_dir, force)
+    adapter_deltas(adapter_dir)  # refuse a bad adapter before loading the model
+    return write_merged(_model(model), adapter_dir, out_dir, force)
 
 
 def check_adapter(path: str | Path, target: str | None = None, model: ModelArg = None) -> dict[str, list[str]]:
@@ -417,11 +458,17 @@ def verify_adapter(
     coef: float | None = None,
     generations: int = 3,
     max_new_tokens: int = 32,
+    dtype: str = "float32",
 ) -> VerifyReport:
     """Compare the adapter (loaded with PEFT) with true addition on held-out prompts.
 
     Site, layers and coefficient come from the adapter's compile report where it has one.
+    ``dtype`` (float32, bfloat16, float16): the base model, the adapter and the reference all
+    run in it, as a server runs them (a cast copy of the model; the model passed in is kept).
+    Below float32, both are also compared with true addition in float32, which separates
+    the adapter's error from the dtype's own rounding (``kl_excess_ratio``).
     """
+    torch_dtype = served_dtype(dtype)
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraCompileError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
@@ -433,8 +480,11 @@ def verify_adapter(
             steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
         )
         coef = report["coef"] if coef is None else coef
-    loaded = _model(model)
+    float32_model = _model(model).in_dtype(torch.float32)
+    loaded = float32_model.in_dtype(torch_dtype)
     steering.validate(loaded)
     samples = corpus.load_texts(prompts, corpus.default_heldout())
     chats = [s for s in samples if s.is_chat][:generations]
-    return verify(loaded, adapter_dir, steering, samples, 1.0 if coef is None else coef, chats, max_new_tokens)
+    coef = 1.0 if coef is None else coef
+    reference = float32_model if loaded is not float32_model else None
+    return verify(loaded, adapter_dir, steering, samples, coef, chats, max_new_tokens, reference)

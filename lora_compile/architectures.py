@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from .errors import LoraCompileError
 
-SITES = ("resid_post", "resid_mid")
+SITES = ("resid_post", "resid_mid", "resid_pre")
 SITE_MEANING = {
     "resid_post": "output of decoder layer L (hidden_states[L+1] in Hugging Face)",
     "resid_mid": "residual stream after the attention of layer L, before its MLP",
+    "resid_pre": "input of decoder layer 0 = the embedding output (hidden_states[0]); layer 0 only",
 }
 
 
@@ -27,10 +28,16 @@ class SiteSpec:
     stream at this site (templates with ``{L}``); the LoRA goes on them.
     ``hook``: the module whose output equals the residual stream delta at this site,
     i.e. where true activation addition adds the vector.
+    ``embedding``: the writer is the token embedding. Its input is a one-hot token, so
+    ``b = 1`` (all ones over the vocabulary) gives ``b·x = 1`` for every token: the
+    compiled delta is exact and nothing is fitted (an embedding LoRA, DESIGN §3).
+    ``layers``: the only layers the site exists at (None: every layer).
     """
 
     writers: tuple[str, ...]
     hook: str
+    embedding: bool = False
+    layers: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -49,11 +56,25 @@ class Architecture:
             )
         return self.sites[site]
 
+    def site_at(self, site: str, layer: int) -> SiteSpec:
+        """The site's entry, refusing layers the site does not exist at."""
+        spec = self.site(site)
+        if spec.layers is not None and layer not in spec.layers:
+            raise LoraCompileError(
+                f"site {site!r} exists only at layer(s) {', '.join(map(str, spec.layers))}, not {layer}: "
+                f"for later layers use resid_post L-1 (the input of layer L)"
+            )
+        return spec
+
     def writers(self, site: str, layer: int) -> tuple[str, ...]:
-        return tuple(w.format(L=layer) for w in self.site(site).writers)
+        return tuple(w.format(L=layer) for w in self.site_at(site, layer).writers)
 
     def hook_module(self, site: str, layer: int) -> str:
-        return self.site(site).hook.format(L=layer)
+        return self.site_at(site, layer).hook.format(L=layer)
+
+    def fitted_sites(self) -> list[str]:
+        """Sites whose compiled delta comes from a fitted direction (what ``scan`` maps)."""
+        return [name for name, spec in self.sites.items() if not spec.embedding]
 
     def layer_module(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -65,6 +86,7 @@ _LLAMA_SITES = {
         writers=("model.layers.{L}.self_attn.o_proj",),
         hook="model.layers.{L}.self_attn.o_proj",
     ),
+    "resid_pre": SiteSpec(writers=("model.embed_tokens",), hook="model.embed_tokens", embedding=True, layers=(0,)),
 }
 
 ARCHITECTURES: tuple[Architecture, ...] = (

@@ -319,6 +319,14 @@ def project_inputs(
     return {k: Projections(torch.cat(parts[k]), position, domains) for k in keys}
 
 
+def exact_projections(loaded: LoadedModel, samples: list[Sample]) -> Projections:
+    """``b·x = 1`` at every held-out token: the projections of an exact site (fit error 0)."""
+    token_lists = encode(loaded, samples)
+    position = torch.cat([torch.arange(len(t)) for t in token_lists])
+    domains = [s.domain for s, t in zip(samples, token_lists) for _ in t]
+    return Projections(torch.ones(len(domains), 1, dtype=torch.float64), position, domains)
+
+
 def self_generate(
     loaded: LoadedModel,
     prompts: list[Sample],

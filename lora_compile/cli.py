@@ -16,7 +16,7 @@ from . import api, progress
 from .errors import LoraCompileError
 from .fit import DIRECTION_METHODS
 from .targets import DEFAULT_TARGET, DTYPES, PROFILES
-from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport
+from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport, served_dtype
 
 app = typer.Typer(
     add_completion=False,
@@ -46,6 +46,10 @@ SelfGenOpt = Annotated[
     int, typer.Option("--self-generate", help="Add N chats sampled from the model itself to calibration.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+MergeOpt = Annotated[
+    Path | None,
+    typer.Option("--merge", help="Also write the base model with the adapter merged in (for serving without LoRA)."),
+]
 TargetOpt = Annotated[
     str, typer.Option("--target", "-t", help=f"Serving target: {', '.join(PROFILES)}. Default: {DEFAULT_TARGET}.")
 ]
@@ -128,7 +132,7 @@ def print_scan(result: dict) -> None:
 
 
 def verify_table(report: VerifyReport) -> Table:
-    table = Table(title="verify: compiled adapter vs true activation addition")
+    table = Table(title=f"verify: compiled adapter vs true activation addition ({report.dtype})")
     for col in ("domain", "tokens", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for d, v in report.per_domain.items():
@@ -157,6 +161,12 @@ def print_verify(report: VerifyReport) -> None:
         f"added-vector relative error per token: rms {_fmt(report.delta_rel_error)} "
         f"(first token {_fmt(report.delta_rel_error_first)})"
     )
+    if report.kl_dtype_floor is not None:
+        out.print(
+            f"against true addition in float32: KL {_fmt(report.kl_compiled_vs_float32)} compiled in {report.dtype}, "
+            f"{_fmt(report.kl_dtype_floor)} true addition in {report.dtype} (the dtype's own floor); "
+            f"excess ratio {_fmt(report.kl_excess_ratio)}"
+        )
     for g in report.generations:
         out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")
 
@@ -207,7 +217,9 @@ def compile_cmd(
     layers: Annotated[
         str | None, typer.Option(help="Layers of the vector to compile, e.g. 18 or 10,18 (default: all).")
     ] = None,
-    site: Annotated[str | None, typer.Option(help="resid_post or resid_mid (default: the vector's own).")] = None,
+    site: Annotated[
+        str | None, typer.Option(help="resid_post, resid_mid or resid_pre (default: the vector's own).")
+    ] = None,
     coef: Annotated[float, typer.Option(help="Scale applied to the vector.")] = 1.0,
     direction: Annotated[str, typer.Option(help=f"Direction fit: {' or '.join(DIRECTION_METHODS)}.")] = "ridge",
     ridge: Annotated[
@@ -234,6 +246,7 @@ def compile_cmd(
             "each under the earlier layers' compiled deltas).",
         ),
     ] = False,
+    merge: MergeOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
@@ -257,11 +270,14 @@ def compile_cmd(
             dtype=dtype,
             base_model_id=base_model_id,
             sequential=not independent,
+            merge_dir=merge,
         )
         print_compile(result.report)
         for warning in result.report["warnings"]:
             Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
         out.print(f"wrote adapter to {result.adapter_dir} (target {target}, rank {result.report['rank']})")
+        if result.merged_dir is not None:
+            out.print(f"wrote merged model to {result.merged_dir}")
 
     _run(body)
 
@@ -277,7 +293,7 @@ def print_compile(report: dict) -> None:
         table.add_row(
             str(x["layer"]),
             ", ".join(x["writers"]),
-            _fmt(e["all"]["rms"]),
+            "0 (exact)" if report.get("exact") else _fmt(e["all"]["rms"]),
             _fmt(e["all"]["max"]),
             _fmt(e["all"]["rms_first"]),
             f"{worst} {_fmt(domains[worst])}",
@@ -299,6 +315,13 @@ def verify(
         float, typer.Option(help="Exit 1 when KL(true‖compiled)/KL(true‖unsteered) is above this.")
     ] = DEFAULT_MAX_KL_RATIO,
     generations: Annotated[int, typer.Option(help="Greedy generations to compare.")] = 3,
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run base model, adapter and reference in this dtype, as a server does: float32, bfloat16 or "
+            "float16. Repeatable, to see them side by side (default: float32)."
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Check the PEFT-loaded adapter against true activation addition on held-out prompts."""
@@ -306,17 +329,32 @@ def verify(
     def body():
         if json_out is not None:
             api.check_writable(json_out, force)
-        report = api.verify_adapter(adapter, vector, model, prompts=prompts, coef=coef, generations=generations)
-        print_verify(report)
+        dtypes = list(dict.fromkeys(dtype or ["float32"]))
+        for name in dtypes:
+            served_dtype(name)
+        loaded = api.load_model(model) if len(dtypes) > 1 else model
+        reports = []
+        for name in dtypes:
+            report = api.verify_adapter(
+                adapter, vector, loaded, prompts=prompts, coef=coef, generations=generations, dtype=name
+            )
+            print_verify(report)
+            reports.append(report)
+        if len(reports) > 1:
+            out.print(dtype_table(reports))
         if json_out is not None:
-            api.write_json(json_out, report.to_dict(), force)
-        return report
+            data = reports[0].to_dict()
+            data["by_dtype"] = {r.dtype: dtype_summary(r) for r in reports}
+            api.write_json(json_out, data, force)
+        return reports
 
-    report = _run(body)
-    if report.kl_ratio > max_kl_ratio:
+    reports = _run(body)
+    failed = [r for r in reports if r.kl_ratio > max_kl_ratio]
+    for r in failed:
         Console(stderr=True).print(
-            f"[red]fail:[/red] KL ratio {report.kl_ratio:.3g} is above --max-kl-ratio {max_kl_ratio}"
+            f"[red]fail:[/red] KL ratio {r.kl_ratio:.3g} in {r.dtype} is above --max-kl-ratio {max_kl_ratio}"
         )
+    if failed:
         raise typer.Exit(1)
 
 
@@ -329,6 +367,46 @@ def check_table(results: dict[str, list[str]], chosen: str) -> Table:
         label = f"[bold]{name}[/bold] (chosen)" if name == chosen else name
         table.add_row(label, verdict, "\n".join(problems) or "-")
     return table
+
+
+def dtype_summary(report: VerifyReport) -> dict:
+    keys = ("kl_compiled", "kl_unsteered", "kl_ratio", "top1_agreement", "delta_rel_error", "tokens")
+    floor = ("kl_dtype_floor", "kl_compiled_vs_float32", "kl_excess_ratio")
+    return {k: getattr(report, k) for k in keys + floor}
+
+
+def dtype_table(reports: list[VerifyReport]) -> Table:
+    table = Table(title="verify by served dtype (both sides in that dtype)")
+    cols = ("dtype", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree", "Δ rel error")
+    for col in cols + ("dtype floor", "excess ratio"):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for r in reports:
+        table.add_row(
+            r.dtype,
+            _fmt(r.kl_compiled),
+            _fmt(r.kl_unsteered),
+            _fmt(r.kl_ratio),
+            f"{r.top1_agreement:.1%}",
+            _fmt(r.delta_rel_error),
+            "-" if r.kl_dtype_floor is None else _fmt(r.kl_dtype_floor),
+            _fmt(r.kl_ratio if r.kl_excess_ratio is None else r.kl_excess_ratio),
+        )
+    return table
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Adapter directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the merged model.")],
+    model: ModelOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write the base model with an adapter merged into its weights, for serving without LoRA."""
+
+    def body():
+        out.print(f"wrote merged model to {api.merge_adapter(adapter, output, model, force=force)}")
+
+    _run(body)
 
 
 @app.command()

@@ -7,6 +7,7 @@ bf16/fp16 range), so the LoRA adds ``B A x = (b·x) s ≈ s``. The serving targe
 unchanged), the saved dtype and whether every layer of a targeted module is present (zeros
 where not steering); ``lora_alpha = r`` (scale 1 under every convention), ``target_modules`` a
 list of short names, only ``lora_A`` / ``lora_B`` keys.
+The layer-0 input (``resid_pre``) is an embedding LoRA instead: exact, nothing fitted.
 """
 
 from __future__ import annotations
@@ -49,6 +50,26 @@ def _writer_template_index(loaded: LoadedModel, short: str) -> tuple[str, str]:
     raise KeyError(short)
 
 
+def embedding_tensors(loaded: LoadedModel, sw: SiteWeights, rank: int = 1) -> dict[str, torch.Tensor]:
+    """``lora_embedding_A`` [r, vocab] = k·1 and ``lora_embedding_B`` [hidden, r] = s/k (PEFT's keys, no ``.weight``).
+
+    PEFT's embedding LoRA adds ``scaling · B · A[:, token]`` = ``s`` for every token: exact.
+    ``k`` is the power of two nearest the balancing factor (‖A‖ = ‖B‖), so ``k`` and ``s/k``
+    are exact in binary floating point and ``B · A[:, t]`` reproduces ``s`` bit for bit.
+    """
+    (writer,) = loaded.arch.writers(sw.site, sw.layer)
+    embedding = loaded.module(writer)
+    vocab, hidden = embedding.num_embeddings, embedding.embedding_dim
+    s = sw.vector.to(torch.float32)
+    balanced = torch.sqrt(s.double().norm() / vocab**0.5).clamp_min(1e-30)
+    k = float(2.0 ** torch.round(torch.log2(balanced)))
+    a = torch.zeros(rank, vocab, dtype=torch.float32)
+    b = torch.zeros(hidden, rank, dtype=torch.float32)
+    a[0] = k
+    b[:, 0] = s / k
+    return {f"{KEY_PREFIX}{writer}.lora_embedding_A": a, f"{KEY_PREFIX}{writer}.lora_embedding_B": b}
+
+
 def adapter_tensors(
     loaded: LoadedModel,
     steered: list[SiteWeights],
@@ -65,6 +86,9 @@ def adapter_tensors(
     rank = target.rank_for(1)
     tensors: dict[str, torch.Tensor] = {}
     by_writer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for sw in [sw for sw in steered if loaded.arch.site(sw.site).embedding]:
+        tensors.update(embedding_tensors(loaded, sw, rank))
+    steered = [sw for sw in steered if not loaded.arch.site(sw.site).embedding]
     for sw in steered:
         writers = loaded.arch.writers(sw.site, sw.layer)
         widths = [loaded.module(w).in_features for w in writers]

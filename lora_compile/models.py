@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -43,6 +45,16 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def in_dtype(self, dtype: torch.dtype) -> LoadedModel:
+        """This model with its weights in ``dtype``: itself if already so, else a copy (as a server casts)."""
+        if dtype == self.dtype:
+            return self
+        return dataclasses.replace(self, model=copy.deepcopy(self.model).to(dtype))
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)

@@ -14,6 +14,7 @@ import torch
 
 from .calibrate import Calibration, SiteKey, project_inputs
 from .corpus import Sample
+from .errors import LoraCompileError
 from .fit import choose_ridge, fit_axis, fit_errors, fit_ridge, outlier_dimensions
 from .models import LoadedModel
 
@@ -81,9 +82,10 @@ def recommend(rows: list[dict], count: int = RECOMMEND) -> list[dict]:
 
 
 def site_keys(loaded: LoadedModel, sites: list[str] | None = None, layers: list[int] | None = None) -> list[SiteKey]:
-    sites = sites or list(loaded.arch.sites)
+    sites = sites or loaded.arch.fitted_sites()
     for s in sites:
-        loaded.arch.site(s)
+        if loaded.arch.site(s).embedding:
+            raise LoraCompileError(f"site {s!r} is exact (an embedding LoRA, nothing fitted): nothing to scan")
     layers = list(range(loaded.num_layers)) if layers is None else layers
     for layer in layers:
         loaded.check_layer(layer)

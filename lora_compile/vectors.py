@@ -3,7 +3,8 @@
 Our vector file is safetensors with float32 tensors ``direction.N`` and string
 metadata. ``direction.N`` has the llama.cpp / repeng meaning: it is added to the
 output of decoder block N, i.e. ``hidden_states[N+1]`` = ``resid_post N``
-(DESIGN §4). ``site`` metadata may say otherwise (``resid_mid``).
+(DESIGN §4). ``site`` metadata may say otherwise: ``resid_mid``, or ``resid_pre``
+where ``direction.0`` is added to the input of layer 0 (the embedding output).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class SteeringVector:
             raise LoraCompileError("the vector file holds no direction.N tensors")
         for layer, vec in self.directions.items():
             loaded.check_layer(layer)
+            loaded.arch.site_at(self.site, layer)
             if vec.ndim != 1 or vec.numel() != loaded.hidden_size:
                 raise LoraCompileError(
                     f"direction.{layer} has shape {tuple(vec.shape)} but {loaded.name} has hidden size "

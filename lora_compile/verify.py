@@ -2,7 +2,9 @@
 
 True addition adds ``coef·s`` to the output of the site's hook module (DESIGN §3)
 with a forward hook; the compiled adapter is loaded with ``peft.PeftModel``, the
-client servers mimic. Both run on held-out prompts (not calibration text).
+client servers mimic, cast as servers cast it (scaling folded into B, A and B in
+the model's dtype). Both run on held-out prompts (not calibration text), in the
+model's dtype: run a bfloat16 copy of the model to see what a bfloat16 server gives.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch.nn.functional as F
 
 from .calibrate import _batches, encode
 from .corpus import Sample
+from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
 
 VERIFY_MAX_TOKENS = 256
+SERVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_KL_RATIO = 0.05
 
 
@@ -48,13 +52,42 @@ def true_addition(loaded: LoadedModel, vector: SteeringVector, coef: float = 1.0
             h.remove()
 
 
+def served_dtype(name: str) -> torch.dtype:
+    """The torch dtype a server runs in, from its name (float32, bfloat16, float16)."""
+    if name not in SERVED_DTYPES:
+        raise LoraCompileError(f"unknown dtype {name!r}: use one of {', '.join(SERVED_DTYPES)}")
+    return SERVED_DTYPES[name]
+
+
+def _cast_as_served(peft_model: torch.nn.Module) -> None:
+    """Fold each LoRA's scaling into B and cast A and B to the base layer's dtype, as vLLM does.
+
+    (PEFT itself would keep float32 adapters on a bfloat16 base; servers do not.)
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        dtype = module.get_base_layer().weight.dtype
+        for name, scaling in module.scaling.items():
+            if name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            else:
+                a, b = module.lora_embedding_A[name], module.lora_embedding_B[name]
+            b.data = (b.data.double() * scaling).to(dtype)
+            a.data = a.data.to(dtype)
+            module.scaling[name] = 1.0
+
+
 @contextmanager
 def peft_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Iterator[torch.nn.Module]:
-    """The base model with the adapter loaded by PEFT; the base is restored on exit."""
+    """The base model with the adapter loaded by PEFT as servers use it; the base is restored on exit."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), autocast_adapter_dtype=False)
     peft_model.eval()
+    _cast_as_served(peft_model)
     try:
         yield peft_model
     finally:
@@ -91,6 +124,12 @@ class VerifyReport:
     delta_rel_error: float  # RMS over tokens of ‖Δ − coef·s‖ / ‖coef·s‖, positions ≥ 1
     delta_rel_error_first: float  # the same at position 0
     tokens: int
+    dtype: str = "float32"  # what the base model, the adapter and the reference ran in
+    # Below a float32 dtype, rounding alone makes two runs of the same steering differ (DESIGN §2's
+    # bf16 concern): both sides are judged against true addition in float32 instead.
+    kl_dtype_floor: float | None = None  # KL(true, float32 ‖ true, dtype): what the dtype itself loses
+    kl_compiled_vs_float32: float | None = None  # KL(true, float32 ‖ compiled, dtype)
+    kl_excess_ratio: float | None = None  # (kl_compiled_vs_float32 − kl_dtype_floor) / kl_unsteered
     per_domain: dict[str, dict[str, float]] = field(default_factory=dict)
     generations: list[dict] = field(default_factory=list)
 
@@ -134,26 +173,39 @@ def verify(
     coef: float = 1.0,
     generation_prompts: list[Sample] | None = None,
     max_new_tokens: int = 32,
+    float32_model: LoadedModel | None = None,
 ) -> VerifyReport:
-    """Compare the adapter with true addition of ``coef·vector`` on ``prompts``."""
+    """Compare the adapter with true addition of ``coef·vector`` on ``prompts``.
+
+    ``float32_model``: the same model in float32, given when ``loaded`` runs in a lower
+    precision, to separate the adapter's error from the dtype's own rounding.
+    """
     token_lists = encode(loaded, prompts, VERIFY_MAX_TOKENS)
     pad = loaded.tokenizer.pad_token_id
     batches = list(_batches(token_lists, pad, 2048))
-    reference: list[tuple[torch.Tensor, torch.Tensor]] = []
+    reference: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    kl_floor = []
     with torch.no_grad():
         for _, ids, mask in track(batches, "reference runs"):
             plain = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             with true_addition(loaded, vector, coef):
                 steered = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            reference.append((plain, steered))
+            exact = None
+            if float32_model is not None:
+                with true_addition(float32_model, vector, coef):
+                    exact = float32_model.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                kl_floor.append(_kl(exact, steered)[mask.bool()])
+            reference.append((plain, steered, exact))
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
-    kl_c, kl_u, top1, rel, rel_first, domains = [], [], [], [], [], []
+    kl_c, kl_u, kl_c32, top1, rel, rel_first, domains = [], [], [], [], [], [], []
     gens: list[dict] = []
     with peft_adapter(loaded, adapter_dir) as peft_model, torch.no_grad():
-        for (batch, ids, mask), (plain, steered) in zip(track(batches, "adapter runs"), reference):
+        for (batch, ids, mask), (plain, steered, exact) in zip(track(batches, "adapter runs"), reference):
             with _lora_deltas(peft_model, writers) as deltas:
                 compiled = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             m = mask.bool()
+            if exact is not None:
+                kl_c32.append(_kl(exact, compiled)[m])
             kl_c.append(_kl(steered, compiled)[m])
             kl_u.append(_kl(steered, plain)[m])
             top1.append((steered.argmax(-1) == compiled.argmax(-1))[m])
@@ -198,7 +250,16 @@ def verify(
             "top1_agreement": float(top1_all[sel].float().mean()),
             "tokens": int(sel.sum()),
         }
+    floor_fields = {}
+    if kl_floor:
+        floor, vs32 = float(torch.cat(kl_floor).mean()), float(torch.cat(kl_c32).mean())
+        floor_fields = {
+            "kl_dtype_floor": floor,
+            "kl_compiled_vs_float32": vs32,
+            "kl_excess_ratio": (vs32 - floor) / max(float(kl_u_all.mean()), 1e-30),
+        }
     return VerifyReport(
+        **floor_fields,
         kl_compiled=float(kl_c_all.mean()),
         kl_unsteered=float(kl_u_all.mean()),
         kl_ratio=float(kl_c_all.mean() / kl_u_all.mean().clamp_min(1e-30)),
@@ -206,6 +267,7 @@ def verify(
         delta_rel_error=rms(torch.cat(rel)),
         delta_rel_error_first=rms(torch.cat(rel_first)),
         tokens=int(kl_c_all.numel()),
+        dtype=str(loaded.dtype).removeprefix("torch."),
         per_domain=per_domain,
         generations=gens,
     )

@@ -76,6 +76,32 @@ def tiny(tiny_dir) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_dir(tmp_path_factory, smol) -> str:
+    """A tiny random Llama whose output head shares the input embedding's weight, like SmolLM2."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=smol.model.config.vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        pad_token_id=smol.tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny-tied-llama"), config, smol.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tiny_tied_dir) -> LoadedModel:
+    loaded = load_model(tiny_tied_dir)
+    assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight
+    return loaded
+
+
+@pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory, smol) -> str:
     """A tiny GPT-2: an architecture this release does not support."""
     from transformers import GPT2Config

@@ -21,5 +21,14 @@ def test_unsupported_architecture_names_what_is_supported():
 
 
 def test_unknown_site_is_refused():
-    with pytest.raises(LoraCompileError, match="resid_pre"):
-        architecture_for("llama").site("resid_pre")
+    with pytest.raises(LoraCompileError, match="resid_in"):
+        architecture_for("llama").site("resid_in")
+
+
+def test_resid_pre_is_the_embedding_at_layer_0_only():
+    arch = architecture_for("llama")
+    assert arch.writers("resid_pre", 0) == ("model.embed_tokens",) == (arch.hook_module("resid_pre", 0),)
+    assert arch.site("resid_pre").embedding and not arch.site("resid_mid").embedding
+    with pytest.raises(LoraCompileError, match="only at layer"):
+        arch.writers("resid_pre", 3)
+    assert arch.fitted_sites() == ["resid_post", "resid_mid"]

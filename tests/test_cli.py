@@ -100,7 +100,8 @@ def test_extract_and_scan(tiny_dir, tmp_path, texts):
         ({9: torch.randn(64)}, [], "layer 9 is out of range"),
         ({1: torch.randn(64)}, ["--layers", "3"], "no direction for layer"),
         ({1: torch.full((64,), float("nan"))}, [], "NaN"),
-        ({1: torch.randn(64)}, ["--site", "resid_pre"], "unknown site"),
+        ({1: torch.randn(64)}, ["--site", "resid_in"], "unknown site"),
+        ({1: torch.randn(64)}, ["--site", "resid_pre"], "exists only at layer(s) 0"),
         ({1: torch.randn(64)}, ["--direction", "pca"], "unknown direction method"),
     ],
 )
@@ -231,3 +232,29 @@ def test_compile_for_a_target(tiny_dir, tmp_path, texts):
 def test_bad_target_or_dtype(tiny_dir, tmp_path, texts, extra, match):
     vec = _vector(tmp_path, {1: torch.randn(64)})
     _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *extra, *texts], tmp_path, match)
+
+
+def test_resid_pre_compile_merge_and_verify_in_two_dtypes(tiny_dir, tmp_path, texts):
+    vec = str(save_vector(SteeringVector({0: 2.0 * torch.randn(64)}, "resid_pre"), tmp_path / "pre.safetensors"))
+    out, merged = tmp_path / "adapter", tmp_path / "merged"
+    result = runner.invoke(
+        app, ["compile", "-v", vec, "-o", str(out), "-t", "peft", "--merge", str(merged), "--model", tiny_dir, *texts]
+    )
+    assert result.exit_code == 0, result.output
+    assert "0 (exact)" in result.output and (merged / "config.json").is_file()
+    report = json.loads((out / "compile_report.json").read_text())
+    assert report["exact"] and report["layers"][0]["fit_error"]["all"]["rms"] == 0.0
+    args = ["verify", "-a", str(out), "-v", vec, "--model", tiny_dir, "--prompts", texts[-1], "--generations", "0"]
+    ok = runner.invoke(app, [*args, "--dtype", "float32", "--dtype", "bfloat16", "--json", str(tmp_path / "v.json")])
+    assert ok.exit_code == 0, ok.output
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["dtype"] == "float32" and sorted(data["by_dtype"]) == ["bfloat16", "float32"]
+    assert all(v["kl_ratio"] < 1e-6 for v in data["by_dtype"].values()), data["by_dtype"]  # exact in both
+    assert "by served dtype" in ok.output
+    _fails([*args, "--dtype", "int8"], tmp_path, "unknown dtype 'int8'")
+    _fails(["merge", "-a", str(out), "-o", str(merged), "--model", tiny_dir], tmp_path, "already exists")
+
+
+def test_scan_refuses_the_exact_site(tiny_dir, tmp_path, texts):
+    args = ["scan", "--model", tiny_dir, "--site", "resid_pre", "-o", str(tmp_path), *texts]
+    _fails(args, tmp_path, "nothing to scan")

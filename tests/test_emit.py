@@ -96,3 +96,50 @@ def test_saved_dtype_overflow_is_an_error(tiny):
         adapter_tensors(tiny, [huge], PROFILES["vllm"], "float16")
     with pytest.raises(LoraCompileError, match="unknown dtype 'float64'"):
         adapter_tensors(tiny, [sw], PROFILES["vllm"], "float64")
+
+
+def _embedding(loaded, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    return SiteWeights("resid_pre", 0, torch.ones(vocab, dtype=torch.float64), scale * torch.randn(64, generator=g))
+
+
+def test_resid_pre_is_an_exact_embedding_lora(tiny):
+    sw = _embedding(tiny, scale=37.0)
+    tensors = adapter_tensors(tiny, [sw], PROFILES["peft"])
+    prefix = "base_model.model.model.embed_tokens."
+    assert set(tensors) == {prefix + "lora_embedding_A", prefix + "lora_embedding_B"}  # PEFT's keys: no .weight
+    a, b = tensors[prefix + "lora_embedding_A"], tensors[prefix + "lora_embedding_B"]
+    assert a.shape == (4, tiny.model.config.vocab_size) and b.shape == (64, 4)
+    assert bool((a[1:] == 0).all()) and bool((b[:, 1:] == 0).all())
+    # k is a power of two: B·A[:, t] is s bit for bit, in float32 and after a cast to bfloat16.
+    torch.testing.assert_close((b @ a[:, :5]).T, sw.vector.expand(5, -1), rtol=0, atol=0)
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    torch.testing.assert_close((b16 @ a16[:, :2]).T, sw.vector.to(torch.bfloat16).expand(2, -1), rtol=0, atol=0)
+    ratio = float(a[0].norm() / b[:, 0].norm())
+    assert 0.5 <= ratio <= 2.0  # balanced to within the power of two
+
+
+def test_peft_embedding_lora_adds_exactly_s_and_leaves_a_tied_head_alone(tiny_tied, tmp_path):
+    loaded = tiny_tied
+    g = torch.Generator().manual_seed(5)
+    sw = SiteWeights("resid_pre", 0, torch.ones(1), 3.0 * torch.randn(32, generator=g))
+    peft = PROFILES["peft"]
+    tensors = adapter_tensors(loaded, [sw], peft)
+    out = write_adapter(
+        tmp_path / "a", tensors, adapter_config(loaded.model_id, ["embed_tokens"], peft), {}, "# card\n"
+    )
+    assert check_adapter(out, "peft", loaded) == {"peft": []}
+    ids = torch.tensor([[1, 5, 900, 49151]])
+    hidden = torch.randn(1, 4, 32, generator=g)
+    with torch.no_grad():
+        base_embed = loaded.model.get_input_embeddings()(ids)
+        base_head = loaded.model.get_output_embeddings()(hidden)
+        with peft_adapter(loaded, out) as peft_model:
+            inner = peft_model.base_model.model
+            embed = inner.get_input_embeddings()(ids)
+            head = inner.get_output_embeddings()(hidden)
+            assert "lora" not in type(inner.get_output_embeddings()).__module__
+    torch.testing.assert_close(embed, base_embed + sw.vector, rtol=0, atol=0)
+    torch.testing.assert_close(head, base_head, rtol=0, atol=0)
+    assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight

@@ -67,7 +67,7 @@ def test_same_inputs_same_outputs(tiny, tmp_path):
         ({"coefs": []}, "no coefficients"),
         ({"coefs": [0, float("nan")]}, "non-finite"),
         ({"layers": [3]}, "no direction for layer"),
-        ({"site": "resid_pre"}, "unknown site"),
+        ({"site": "resid_in"}, "unknown site"),
         ({"pairs": [ContrastPair("Happy day", "Sad day")]}, "no shared prompt"),
     ],
 )

@@ -36,7 +36,7 @@ def _file(tmp_path, tensors, metadata=None):
     [
         ({"other": torch.zeros(4)}, None, "no direction.N tensors"),
         ({"direction.1": torch.zeros(4, dtype=torch.int32)}, None, "floating point"),
-        ({"direction.1": torch.zeros(4)}, {"site": "resid_pre"}, "unknown site"),
+        ({"direction.1": torch.zeros(4)}, {"site": "resid_in"}, "unknown site"),
     ],
 )
 def test_bad_vector_files(tmp_path, tensors, metadata, match):
@@ -69,3 +69,12 @@ def test_validation_against_the_model(tiny, directions, match):
 def test_select_unknown_layer():
     with pytest.raises(LoraCompileError, match="no direction for layer"):
         SteeringVector({1: torch.zeros(4)}).select([2])
+
+
+def test_resid_pre_vectors_load_and_exist_only_at_layer_0(tiny, tmp_path):
+    path = save_vector(SteeringVector({0: torch.randn(64)}, "resid_pre"), tmp_path / "pre.safetensors")
+    back = load_vector(path)
+    assert back.site == "resid_pre" and back.layers == [0]
+    back.validate(tiny)
+    with pytest.raises(LoraCompileError, match="only at layer"):
+        SteeringVector({2: torch.randn(64)}, "resid_pre").validate(tiny)

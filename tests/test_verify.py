@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from lora_compile import check_adapter, compile_adapter, verify_adapter
+from lora_compile import check_adapter, compile_adapter, corpus, merge_adapter, verify_adapter
+from lora_compile.calibrate import calibrate
+from lora_compile.extract import extract, read_pairs
 from lora_compile.vectors import SteeringVector
-from lora_compile.verify import true_addition
+from lora_compile.verify import peft_adapter, true_addition
 
 COEF = 4.0
 
@@ -86,3 +89,78 @@ def test_true_addition_adds_exactly_at_the_site(smol, smol_vector):
         rtol=0,
         atol=5e-3,  # float32 rounding of a residual stream of norm ~1e3
     )
+
+
+@pytest.fixture(scope="module")
+def resid_pre(smol, tmp_path_factory):
+    """The layer-0 resid_post happy/sad direction compiled at resid_pre 0 (the embedding output)."""
+    direction = extract(smol, read_pairs(corpus.demo_pairs_path()), [0]).directions[0]
+    vec = SteeringVector({0: direction}, "resid_pre")
+    path = tmp_path_factory.mktemp("adapters") / "resid-pre-0"
+    return vec, compile_adapter(vec, path, smol, coef=COEF, target="peft")
+
+
+def test_resid_pre_is_exact(smol, resid_pre, heldout_subset):
+    vec, result = resid_pre
+    assert result.report["exact"] and result.report["layers"][0]["fit_error"]["all"]["max"] == 0.0
+    assert result.report["target_modules"] == ["embed_tokens"]
+    problems = check_adapter(result.adapter_dir)
+    assert all(problems[t] == [] for t in ("peft", "vllm", "sglang", "llamacpp")), problems
+    assert problems["portable"] and problems["lorax"]  # no embedding LoRA there
+    for dtype in ("float32", "bfloat16"):
+        report = verify_adapter(result.adapter_dir, vec, smol, prompts=heldout_subset, generations=0, dtype=dtype)
+        assert report.dtype == dtype
+        assert report.kl_ratio < 1e-6 and report.top1_agreement == 1.0, (dtype, report.kl_ratio)
+        assert report.kl_unsteered > 0.05  # the steering does something
+    assert smol.dtype == torch.float32  # verifying in bfloat16 used a copy
+
+
+def test_merged_embedded_model_matches_the_adapter(smol, resid_pre, tmp_path):
+    _, result = resid_pre
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(result.adapter_dir, tmp_path / "merged", smol))
+    ids = smol.tokenizer(["The weather today is", "I feel"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with peft_adapter(smol, result.adapter_dir) as peft_model:
+            expected = peft_model(**ids).logits
+        got = merged(**ids).logits
+        base = smol.model(**ids).logits
+    assert float((expected - base).abs().max()) > 0.1
+    assert float((got - expected).abs().max()) < 1e-4
+    torch.testing.assert_close(merged.get_output_embeddings().weight, smol.model.get_output_embeddings().weight)
+
+
+@pytest.fixture(scope="module")
+def mid18(smol, smol_vector, tmp_path_factory):
+    """resid_mid 18, calibrated at that site only (the same moments as the full calibration's)."""
+    calibration = calibrate(smol, corpus.default_calibration(), [("resid_mid", 18)])
+    vec = SteeringVector({18: smol_vector.directions[18]}, "resid_mid")
+    path = tmp_path_factory.mktemp("adapters") / "mid18"
+    return vec, compile_adapter(vec, path, smol, coef=COEF, calibration=calibration)
+
+
+def test_bfloat16_serving_adds_no_error_beyond_bfloat16_rounding(smol, mid18, heldout_subset):
+    vec, result = mid18
+    fp32, bf16 = (
+        verify_adapter(result.adapter_dir, vec, smol, prompts=heldout_subset, generations=0, dtype=dtype)
+        for dtype in ("float32", "bfloat16")
+    )
+    assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16") and fp32.kl_dtype_floor is None
+    # In bfloat16, true addition itself lands ~1e-3 KL from float32 (rounding of a residual stream of
+    # norm ~1e3), far above the adapter's float32 error: the raw bf16-vs-bf16 ratio measures rounding.
+    assert bf16.kl_dtype_floor > 10 * fp32.kl_compiled
+    assert bf16.kl_ratio > fp32.kl_ratio
+    # Judged against float32 true addition, the bf16 adapter is as close as bf16 true addition is;
+    # what it adds on top is within 2x of its float32 error.
+    assert abs(bf16.kl_excess_ratio) <= 2 * fp32.kl_ratio, (bf16.kl_excess_ratio, fp32.kl_ratio)
+    assert bf16.kl_compiled_vs_float32 <= 1.05 * bf16.kl_dtype_floor
+
+
+def test_true_addition_at_resid_pre_adds_to_hidden_states_0(tiny):
+    vec = SteeringVector({0: torch.randn(64)}, "resid_pre")
+    ids = torch.tensor([[1, 17, 300, 5]])
+    with torch.no_grad():
+        before = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+        with true_addition(tiny, vec, 2.0):
+            after = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(after[0] - before[0], (2.0 * vec.directions[0]).expand(1, 4, -1), rtol=0, atol=1e-6)
+    assert not torch.allclose(after[1], before[1])
