@@ -28,9 +28,9 @@ from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .outputs import atomic_file, check_writable
 from .scan import plot_scan, scan_sites, site_keys
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
-from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter
+from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter, torch_dtype
 from .vectors import SteeringVector, load_vector, save_vector
-from .verify import VerifyReport, served_dtype, verify
+from .verify import VerifyReport, verify
 
 ModelArg = LoadedModel | str | None
 # Text files (.txt/.jsonl) or samples; None means the shipped corpus.
@@ -468,7 +468,7 @@ def verify_adapter(
     Below float32, both are also compared with true addition in float32, which separates
     the adapter's error from the dtype's own rounding (``kl_excess_ratio``).
     """
-    torch_dtype = served_dtype(dtype)
+    served = torch_dtype(dtype)
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraCompileError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
@@ -481,7 +481,7 @@ def verify_adapter(
         )
         coef = report["coef"] if coef is None else coef
     float32_model = _model(model).in_dtype(torch.float32)
-    loaded = float32_model.in_dtype(torch_dtype)
+    loaded = float32_model.in_dtype(served)
     steering.validate(loaded)
     samples = corpus.load_texts(prompts, corpus.default_heldout())
     chats = [s for s in samples if s.is_chat][:generations]

@@ -15,8 +15,8 @@ from rich.table import Table
 from . import api, progress
 from .errors import LoraCompileError
 from .fit import DIRECTION_METHODS
-from .targets import DEFAULT_TARGET, DTYPES, PROFILES
-from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport, served_dtype
+from .targets import DEFAULT_TARGET, DTYPES, PROFILES, torch_dtype
+from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport
 
 app = typer.Typer(
     add_completion=False,
@@ -331,7 +331,7 @@ def verify(
             api.check_writable(json_out, force)
         dtypes = list(dict.fromkeys(dtype or ["float32"]))
         for name in dtypes:
-            served_dtype(name)
+            torch_dtype(name)
         loaded = api.load_model(model) if len(dtypes) > 1 else model
         reports = []
         for name in dtypes:

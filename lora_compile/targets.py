@@ -48,6 +48,15 @@ EMBEDDING_KEYS = (".lora_embedding_A", ".lora_embedding_B")
 # The dtypes an adapter may be saved in, and the largest finite value of each (a server casting
 # the adapter to the model dtype overflows to inf beyond it).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a name a server or a saved adapter uses (float32, bfloat16, float16)."""
+    if name not in DTYPES:
+        raise LoraCompileError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 DTYPE_MAX = {name: float(torch.finfo(dt).max) for name, dt in DTYPES.items()}
 # Config features beyond plain LoRA; a profile lists the ones its server implements.
 FEATURES = {
@@ -97,8 +106,7 @@ class TargetProfile:
             )
 
     def check_dtype(self, dtype: str) -> None:
-        if dtype not in DTYPES:
-            raise LoraCompileError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        torch_dtype(dtype)
 
 
 _FP16_SERVERS = ("float16", "bfloat16")

@@ -19,13 +19,11 @@ import torch.nn.functional as F
 
 from .calibrate import _batches, encode
 from .corpus import Sample
-from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
 
 VERIFY_MAX_TOKENS = 256
-SERVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_KL_RATIO = 0.05
 
 
@@ -50,13 +48,6 @@ def true_addition(loaded: LoadedModel, vector: SteeringVector, coef: float = 1.0
     finally:
         for h in handles:
             h.remove()
-
-
-def served_dtype(name: str) -> torch.dtype:
-    """The torch dtype a server runs in, from its name (float32, bfloat16, float16)."""
-    if name not in SERVED_DTYPES:
-        raise LoraCompileError(f"unknown dtype {name!r}: use one of {', '.join(SERVED_DTYPES)}")
-    return SERVED_DTYPES[name]
 
 
 def _cast_as_served(peft_model: torch.nn.Module) -> None:
