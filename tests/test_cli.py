@@ -101,7 +101,7 @@ def test_extract_and_scan(tiny_dir, tmp_path, texts):
         ({1: torch.randn(64)}, ["--layers", "3"], "no direction for layer"),
         ({1: torch.full((64,), float("nan"))}, [], "NaN"),
         ({1: torch.randn(64)}, ["--site", "resid_in"], "unknown site"),
-        ({1: torch.randn(64)}, ["--site", "resid_pre"], "exists only at layer(s) 0"),
+        ({1: torch.randn(64)}, ["--site", "resid_pre", "-t", "peft"], "exists only at layer(s) 0"),
         ({1: torch.randn(64)}, ["--direction", "pca"], "unknown direction method"),
     ],
 )

@@ -102,7 +102,6 @@ def test_the_first_layer_is_the_same_in_both_modes(layer_errors):
     print({layer: f"{ind[layer]:.4f} → {seq[layer]:.4f}" for layer in LAYERS})
     # The first layer is calibrated on the unsteered model either way: the same direction.
     assert seq[LAYERS[0]] == pytest.approx(ind[LAYERS[0]], rel=1e-6)
-    assert seq[LAYERS[-1]] < ind[LAYERS[-1]]
 
 
 def test_reported_fit_errors_are_what_the_served_adapter_adds(compiled, layer_errors):
