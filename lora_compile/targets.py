@@ -68,6 +68,7 @@ FEATURES = {
     "alpha_pattern": lambda c: bool(c.get("alpha_pattern")),
     "use_rslora": lambda c: bool(c.get("use_rslora")),
 }
+_FP16_SERVERS = ("float16", "bfloat16")
 _LLAMA_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
 
@@ -76,14 +77,14 @@ class TargetProfile:
     """What one serving system accepts from a PEFT LoRA adapter."""
 
     name: str
-    min_rank: int
-    max_rank: int | None  # None: no limit of the server's own
-    rank_note: str  # how to serve a larger rank, or where the limit comes from
     every_layer: bool  # a module type missing any layer is dropped
-    target_modules: frozenset[str] | None  # short module names allowed; None: any module of the model
     embedding_lora: bool  # lora_embedding_A/B on embed_tokens
-    features: frozenset[str]  # entries of FEATURES the server implements
-    serve_dtypes: tuple[str, ...]  # dtypes the server may cast the adapter to (range check)
+    min_rank: int = 1
+    max_rank: int | None = None  # None: no limit of the server's own
+    rank_note: str = ""  # how to serve a larger rank, or where the limit comes from
+    target_modules: frozenset[str] | None = None  # short module names allowed; None: any module of the model
+    features: frozenset[str] = frozenset()  # entries of FEATURES the server implements
+    serve_dtypes: tuple[str, ...] = _FP16_SERVERS  # dtypes the server may cast the adapter to (range check)
     required: tuple[str, ...] = ("r", "lora_alpha", "target_modules")
     target_modules_list: bool = False  # target_modules must be a list, not a regex/"all-linear" string
     alpha_equals_rank: bool = False  # scale 1, identical under every convention
@@ -109,7 +110,6 @@ class TargetProfile:
         torch_dtype(dtype)
 
 
-_FP16_SERVERS = ("float16", "bfloat16")
 PROFILES: dict[str, TargetProfile] = {
     p.name: p
     for p in (
@@ -121,66 +121,40 @@ PROFILES: dict[str, TargetProfile] = {
             every_layer=True,
             target_modules=_LLAMA_PROJECTIONS,
             embedding_lora=False,
-            features=frozenset(),
-            serve_dtypes=_FP16_SERVERS,
             target_modules_list=True,
             alpha_equals_rank=True,
         ),
         TargetProfile(
             "peft",
-            min_rank=1,
-            max_rank=None,
-            rank_note="",
             every_layer=False,
-            target_modules=None,
             embedding_lora=True,
             features=frozenset(FEATURES),
-            serve_dtypes=_FP16_SERVERS,
             required=("r", "target_modules"),  # PEFT would default them (r = 8), not to this adapter's
         ),
         TargetProfile(
             "vllm",
-            min_rank=1,
             max_rank=16,
             rank_note="vLLM's default --max-lora-rank; serve larger ranks with --max-lora-rank N",
             every_layer=False,
-            target_modules=None,
             embedding_lora=True,
             features=frozenset({"use_rslora"}),
-            serve_dtypes=_FP16_SERVERS,
         ),
         TargetProfile(
             "sglang",
-            min_rank=1,
-            max_rank=None,
-            rank_note="",
             every_layer=False,
-            target_modules=None,
             embedding_lora=True,
-            features=frozenset(),
-            serve_dtypes=_FP16_SERVERS,
         ),
         TargetProfile(
             "lorax",
-            min_rank=1,
-            max_rank=None,
-            rank_note="",
             every_layer=True,
             target_modules=_LLAMA_PROJECTIONS,
             embedding_lora=False,
-            features=frozenset(),
-            serve_dtypes=_FP16_SERVERS,
         ),
         TargetProfile(
             "tgi",
-            min_rank=1,
-            max_rank=None,
-            rank_note="",
             every_layer=True,
             target_modules=_LLAMA_PROJECTIONS,
             embedding_lora=False,
-            features=frozenset(),
-            serve_dtypes=_FP16_SERVERS,
         ),
         TargetProfile(
             "fireworks",
@@ -190,30 +164,21 @@ PROFILES: dict[str, TargetProfile] = {
             every_layer=False,
             target_modules=_LLAMA_PROJECTIONS | {"w1", "w2", "w3", "gate"},  # + Mixtral's, as its docs list
             embedding_lora=False,
-            features=frozenset(),
             serve_dtypes=("bfloat16",),
             required=("r", "target_modules"),
             target_modules_list=True,
         ),
         TargetProfile(
             "together",
-            min_rank=1,
-            max_rank=None,
-            rank_note="",
             every_layer=False,
             target_modules=_LLAMA_PROJECTIONS,
             embedding_lora=False,
-            features=frozenset(),
             serve_dtypes=("bfloat16",),
             target_modules_list=True,
         ),
         TargetProfile(
             "llamacpp",
-            min_rank=1,
-            max_rank=None,
-            rank_note="",
             every_layer=False,
-            target_modules=None,
             embedding_lora=True,
             features=frozenset({"rank_pattern"}),  # ranks come from the tensor shapes
             serve_dtypes=("float16",),  # --outtype f16, and f16 compute on many backends
