@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import corpus, formats
-from .architectures import SITES
+from .architectures import check_site_name
 from .calibrate import (
     Calibration,
     calibrate,
@@ -51,9 +51,7 @@ def _select(vector: VectorArg, layers: list[int] | None, site: str | None) -> St
     steering = _vector(vector).select(layers)
     if site is None:
         return steering
-    if site not in SITES:
-        raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
-    return SteeringVector(steering.directions, site, dict(steering.metadata))
+    return SteeringVector(steering.directions, check_site_name(site), dict(steering.metadata))
 
 
 def calibration_samples(

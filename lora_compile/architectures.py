@@ -101,6 +101,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )
 
 
+def check_site_name(site: str) -> str:
+    """``site`` if it names a residual-stream site, else a one-line error listing them."""
+    if site not in SITES:
+        raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+    return site
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for a in ARCHITECTURES for t in a.model_types)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .architectures import SITES
+from .architectures import check_site_name
 from .errors import LoraCompileError
 from .outputs import atomic_file
 from .vectors import SteeringVector, load_vector
@@ -65,11 +65,6 @@ def _as_float_vector(data, what: str) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise LoraCompileError(f"{what} has dtype {tensor.dtype}; steering vectors must be floating point")
     return tensor.detach().to(torch.float32).contiguous()
-
-
-def _check_site(site: str | None) -> None:
-    if site is not None and site not in SITES:
-        raise LoraCompileError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
 
 
 def _refuse_placement(fmt: str, layer: int | None, site: str | None, why: str) -> None:
@@ -400,7 +395,8 @@ def read_vector(
     """
     if format not in FORMATS:
         raise LoraCompileError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
-    _check_site(site)
+    if site is not None:
+        check_site_name(site)
     path, key, index = split_source(source)
     fmt = detect_format(path, key, index) if format == "auto" else format
     if fmt == "sae":

@@ -14,17 +14,15 @@ shared weight would steer the logits too.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .emit import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .outputs import atomic_dir
+from .targets import KEY_PREFIX, read_adapter, scale
 
 _A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
@@ -35,15 +33,11 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     A linear weight is ``[out, in]`` (``[in, out]`` where the config says ``fan_in_fan_out``,
     GPT-2's Conv1D); an embedding's is ``[vocab, hidden]``, the transpose of ``B·A``.
     """
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise LoraCompileError(f"{adapter_dir} is not an adapter directory (no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    adapter = read_adapter(adapter_dir)
+    config, tensors = adapter.config, adapter.tensors
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
         raise LoraCompileError(f"{adapter_dir}: rank_pattern, alpha_pattern and DoRA adapters cannot be merged here")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    scaling = scale(config)
     deltas = {}
     for key, a in sorted(tensors.items()):
         suffix = next((s for s in _A_SUFFIXES if key.endswith(s)), None)
