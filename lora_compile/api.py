@@ -422,8 +422,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, model: ModelArg 
     where an embedding LoRA is merged, so the output head is not steered.
     """
     check_writable(out_dir, force)
-    adapter_deltas(adapter_dir)  # refuse a bad adapter before loading the model
-    return write_merged(_model(model), adapter_dir, out_dir, force)
+    deltas = adapter_deltas(adapter_dir)  # read first: a bad adapter is refused before loading the model
+    return write_merged(_model(model), deltas, out_dir, force)
 
 
 def check_adapter(path: str | Path, target: str | None = None, model: ModelArg = None) -> dict[str, list[str]]:

@@ -57,9 +57,8 @@ def _untie_output_embeddings(model: nn.Module) -> None:
         config.tie_word_embeddings = False
 
 
-def merged_model(loaded: LoadedModel, adapter_dir: str | Path) -> nn.Module:
-    """A copy of the model with the adapter merged into its weights (the loaded model is untouched)."""
-    deltas = adapter_deltas(adapter_dir)
+def merged_model(loaded: LoadedModel, deltas: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the model with ``adapter_deltas`` merged into its weights (the loaded model is untouched)."""
     model = copy.deepcopy(loaded.model)
     # A GGUF file loads dequantised but keeps its (unserialisable) quantizer: the copy is plain weights.
     model.hf_quantizer = None
@@ -82,9 +81,11 @@ def merged_model(loaded: LoadedModel, adapter_dir: str | Path) -> nn.Module:
     return model
 
 
-def write_merged(loaded: LoadedModel, adapter_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+def write_merged(
+    loaded: LoadedModel, deltas: dict[str, torch.Tensor], out_dir: str | Path, force: bool = False
+) -> Path:
     """Write the merged model (safetensors, config, tokenizer) atomically to ``out_dir``."""
-    model = merged_model(loaded, adapter_dir)
+    model = merged_model(loaded, deltas)
     with atomic_dir(out_dir, force) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
