@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,13 @@ from .calibrate import (
     project_inputs,
     self_generate,
 )
-from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter
+from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
-from .fit import choose_ridge, fit_direction, fit_errors
-from .merge import adapter_deltas, write_merged
+from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors
+from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
-from .outputs import atomic_file, check_writable
+from .outputs import atomic_file, atomic_outputs, check_writable
 from .scan import plot_scan, scan_sites, site_keys
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
 from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter, torch_dtype
@@ -65,9 +66,21 @@ def calibration_samples(
     return samples + self_generate(loaded, corpus.chat_prompts(samples), self_generated, seed=seed)
 
 
+def _json_text(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | Path, data: dict, force: bool) -> None:
     with atomic_file(path, force) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(_json_text(data))
+
+
+def write_outputs(writers: dict[str | Path | None, Callable[[Path], object]], force: bool) -> None:
+    """Write several outputs (path → writer of a temporary path) all together or not at all; None paths skip."""
+    chosen = {Path(p): w for p, w in writers.items() if p is not None}
+    with atomic_outputs(list(chosen), force) as temps:
+        for tmp, write in zip(temps, chosen.values()):
+            write(tmp)
 
 
 def scan(
@@ -98,12 +111,9 @@ def scan(
     if calibration is None:
         calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
     result = scan_sites(loaded, calibration, heldout_samples, ridge)
-    if out_json is not None:
-        write_json(out_json, result, force)
-    if out_png is not None:
-        with atomic_file(out_png, force) as tmp:
-            plot_scan(result, tmp.with_suffix(".png"))
-            tmp.with_suffix(".png").replace(tmp)
+    write_outputs(
+        {out_json: lambda tmp: tmp.write_text(_json_text(result)), out_png: lambda tmp: plot_scan(result, tmp)}, force
+    )
     return result, calibration
 
 
@@ -236,11 +246,13 @@ def sweep(
     loaded.arch.site(steering.site)
     steering.validate(loaded)
     result = sweep_coefficients(loaded, steering, coefs, pair_list, prompt_samples)
-    if out_json is not None:
-        write_json(out_json, result.to_dict(), force)
-    if out_png is not None:
-        with atomic_file(out_png, force) as tmp:
-            plot_sweep(result, tmp)
+    write_outputs(
+        {
+            out_json: lambda tmp: tmp.write_text(_json_text(result.to_dict())),
+            out_png: lambda tmp: plot_sweep(result, tmp),
+        },
+        force,
+    )
     return result
 
 
@@ -329,6 +341,7 @@ def compile_adapter(
     prof.rank_for(1)
     if not torch.isfinite(torch.tensor(coef)):
         raise LoraCompileError(f"coefficient {coef} is not a finite number")
+    check_direction_method(direction)
     steering = _select(vector, layers, site)
     prof.check_site(steering.site)
     loaded = _model(model)
@@ -409,10 +422,12 @@ def compile_adapter(
         "rank": config["r"],
         "target_modules": targets,
     }
-    out = write_adapter(out_dir, tensors, config, report, _model_card(report), force)
-    if merge_dir is not None:
-        merge_adapter(out, merge_dir, loaded, force=force)
-    return CompileResult(out, report, Path(merge_dir) if merge_dir is not None else None)
+    # The adapter and the merged model are committed together: an interrupted merge leaves neither.
+    with atomic_outputs([out_dir] + ([merge_dir] if merge_dir is not None else []), force, directory=True) as temps:
+        write_adapter_files(temps[0], tensors, config, report, _model_card(report))
+        if merge_dir is not None:
+            save_merged(merged_model(loaded, adapter_deltas(temps[0])), loaded, temps[1])
+    return CompileResult(Path(out_dir), report, Path(merge_dir) if merge_dir is not None else None)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, model: ModelArg = None, *, force: bool = False) -> Path:
@@ -468,8 +483,7 @@ def verify_adapter(
     """
     served = torch_dtype(dtype)
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LoraCompileError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
+    read_adapter(adapter_dir)  # refused before any model is loaded: no config, not safetensors, unreadable
     steering = _vector(vector)
     report_path = adapter_dir / REPORT
     if report_path.is_file():

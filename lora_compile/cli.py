@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.table import Table
 from . import api, progress
 from .errors import LoraCompileError
 from .fit import DIRECTION_METHODS
+from .outputs import install_signal_handlers
 from .targets import DEFAULT_TARGET, DTYPES, PROFILES, torch_dtype
 from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport
 
@@ -60,27 +62,46 @@ def _layers(spec: str | None) -> list[int] | None:
     if spec is None:
         return None
     layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                layers += range(int(lo), int(hi) + 1)
-            else:
-                layers.append(int(part))
-    except ValueError as exc:
-        raise LoraCompileError(f"cannot read layers {spec!r}: use e.g. 18, 10,18 or 8-12") from exc
+    for part in spec.split(","):
+        part = part.strip()
+        if part.startswith("-"):
+            raise LoraCompileError(f"cannot read layers {spec!r}: layer numbers start at 0 (e.g. 0-3)")
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise LoraCompileError(f"cannot read layers {spec!r}: use e.g. 18, 10,18 or 8-12")
+        if hi and int(hi) < int(lo):
+            raise LoraCompileError(f"cannot read layers {spec!r}: empty range {part}, write the lower layer first")
+        layers += range(int(lo), int(hi or lo) + 1)
     return layers
 
 
+# Exit codes (README "Exit codes"): 0 done, 1 a check failed (verify, check), 2 bad input or a file
+# that cannot be read or written, 128 + N interrupted by signal N (130 SIGINT, 143 SIGTERM).
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _error(message: str) -> None:
+    # escape: messages quote user input such as W_dec[x], which rich would take for markup
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _run(fn):
-    """Run a command body; bad input becomes one line on stderr and exit code 2."""
+    """Run a command body: bad input, an unreadable or unwritable file and interrupts become one line on stderr."""
     progress.enable(True)
     try:
         return fn()
     except LoraCompileError as exc:
-        # escape: messages quote user input such as W_dec[x], which rich would take for markup
-        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _error(str(exc))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except OSError as exc:  # disk full, permission denied, a file vanishing under us
+        where = f" ({exc.filename})" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}: nothing was written; fix that and run again")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        _error(f"interrupted by {signal.Signals(signum).name}: nothing was written")
+        raise typer.Exit(128 + signum) from None
 
 
 def _fmt(x: float) -> str:
@@ -165,7 +186,8 @@ def print_verify(report: VerifyReport) -> None:
         out.print(
             f"against true addition in float32: KL {_fmt(report.kl_compiled_vs_float32)} compiled in {report.dtype}, "
             f"{_fmt(report.kl_dtype_floor)} true addition in {report.dtype} (the dtype's own floor); "
-            f"excess ratio {_fmt(report.kl_excess_ratio)}"
+            f"excess ratio {_fmt(report.kl_excess_ratio)} ± {_fmt(1.96 * report.kl_excess_ratio_se)} "
+            f"(95% interval, paired per token over {report.prompts} prompts)"
         )
     for g in report.generations:
         out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")
@@ -355,7 +377,7 @@ def verify(
             f"[red]fail:[/red] KL ratio {r.kl_ratio:.3g} in {r.dtype} is above --max-kl-ratio {max_kl_ratio}"
         )
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def check_table(results: dict[str, list[str]], chosen: str) -> Table:
@@ -371,7 +393,7 @@ def check_table(results: dict[str, list[str]], chosen: str) -> Table:
 
 def dtype_summary(report: VerifyReport) -> dict:
     keys = ("kl_compiled", "kl_unsteered", "kl_ratio", "top1_agreement", "delta_rel_error", "tokens")
-    floor = ("kl_dtype_floor", "kl_compiled_vs_float32", "kl_excess_ratio")
+    floor = ("kl_dtype_floor", "kl_compiled_vs_float32", "kl_excess_ratio", "kl_excess_ratio_se")
     return {k: getattr(report, k) for k in keys + floor}
 
 
@@ -434,7 +456,7 @@ def check(
     results = _run(body)
     if results[target]:
         Console(stderr=True).print(f"[red]fail:[/red] {target} would not serve {adapter} as PEFT does")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def separability_table(vector) -> Table:
@@ -620,6 +642,7 @@ def demo(
 
 
 def main() -> None:
+    install_signal_handlers()
     app()
 
 

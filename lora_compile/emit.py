@@ -162,8 +162,15 @@ def write_adapter(
 ) -> Path:
     """Write the adapter directory atomically: all of it, or nothing."""
     with atomic_dir(out_dir, force) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card)
+        write_adapter_files(tmp, tensors, config, report, model_card)
     return Path(out_dir)
+
+
+def write_adapter_files(
+    directory: Path, tensors: dict[str, torch.Tensor], config: dict, report: dict, model_card: str
+) -> None:
+    """The adapter's files in an existing (temporary) directory."""
+    save_file(dict(sorted(tensors.items())), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (directory / "README.md").write_text(model_card)

@@ -88,12 +88,16 @@ def fit_axis(moments: Moments) -> torch.Tensor:
     return b
 
 
+def check_direction_method(method: str) -> str:
+    if method not in DIRECTION_METHODS:
+        raise LoraCompileError(f"unknown direction method {method!r}: use one of {', '.join(DIRECTION_METHODS)}")
+    return method
+
+
 def fit_direction(moments: Moments, method: str = "ridge", ridge: float | None = None) -> torch.Tensor:
-    if method == "ridge":
+    if check_direction_method(method) == "ridge":
         return fit_ridge(moments, ridge)
-    if method == "axis":
-        return fit_axis(moments)
-    raise LoraCompileError(f"unknown direction method {method!r}: use one of {', '.join(DIRECTION_METHODS)}")
+    return fit_axis(moments)
 
 
 def outlier_dimensions(moments: Moments, top: int = 5) -> list[dict]:

@@ -420,8 +420,7 @@ def read_vector(
     for k, vec in vector.directions.items():
         if vec.ndim != 1 or vec.numel() != vector.directions[vector.layers[0]].numel():
             raise LoraCompileError(f"{path.name}: the directions differ in length (layer {k}): one model, one size")
-        if not torch.isfinite(vec).all():
-            raise LoraCompileError(f"{path.name}: the direction for layer {k} holds NaN or infinite values")
+    vector.check_values(path.name)
     source_name = path.name + (f":{key}" if key else "") + (f"[{index}]" if index is not None else "")
     meta = {**vector.metadata, "source": source_name, "source_format": fmt}
     meta.setdefault("model", meta.get("model_hint", "unknown"))

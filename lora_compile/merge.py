@@ -87,6 +87,11 @@ def write_merged(
     """Write the merged model (safetensors, config, tokenizer) atomically to ``out_dir``."""
     model = merged_model(loaded, deltas)
     with atomic_dir(out_dir, force) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        loaded.tokenizer.save_pretrained(str(tmp))
+        save_merged(model, loaded, tmp)
     return Path(out_dir)
+
+
+def save_merged(model: nn.Module, loaded: LoadedModel, directory: Path) -> None:
+    """A merged model's files in an existing (temporary) directory."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    loaded.tokenizer.save_pretrained(str(directory))

@@ -164,6 +164,18 @@ def load_config(model: str | None = None):
         raise LoraCompileError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from exc
 
 
+def _work_around_forced_cpu_kernels() -> None:
+    """Use the plain attention kernel where PyTorch's CPU flash attention breaks under a forced capability.
+
+    ``ATEN_CPU_CAPABILITY=default|avx2`` on an AVX-512 machine (how the suite is run as on other
+    CPUs) makes PyTorch's bfloat16/float16 CPU flash attention fail ("pack_vnni2 is only supported
+    when avx512 is supported": it asks the hardware, not the forced capability, whether to pack).
+    The math kernel computes the same attention and works under every capability.
+    """
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        torch.backends.cuda.enable_flash_sdp(False)  # the flag is global: CPU dispatch reads it too
+
+
 def load_model(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and check its architecture is one the compiler knows.
 
@@ -172,6 +184,7 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32) -> 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _work_around_forced_cpu_kernels()
     source, kwargs, name, model_id = _source(model)
     config = load_config(model)
     arch = architecture_for(config.model_type)

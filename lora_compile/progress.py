@@ -25,6 +25,12 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     if not _enabled:
         yield from items
         return
+    if not stderr.is_terminal:
+        # No live bar in a log or a pipe: one line per pass says what the run is doing.
+        count = total if total is not None else len(items) if hasattr(items, "__len__") else None
+        stderr.print(f"{description}" + (f" ({count} steps)" if count is not None else ""), highlight=False)
+        yield from items
+        return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

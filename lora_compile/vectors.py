@@ -52,6 +52,19 @@ class SteeringVector:
             raise LoraCompileError(f"the vector has no direction for layer(s) {missing}; it has layers {self.layers}")
         return SteeringVector({k: self.directions[k] for k in layers}, self.site, dict(self.metadata))
 
+    def check_values(self, where: str | None = None) -> None:
+        """Refuse NaN/inf, and vectors whose squared norm overflows float32 (every norm and balance step needs it)."""
+        limit = torch.finfo(torch.float32).max
+        where = f"{where}: " if where else ""
+        for layer, vec in self.directions.items():
+            if not torch.isfinite(vec).all():
+                raise LoraCompileError(f"{where}direction.{layer} contains NaN or infinite values: fix the vector")
+            if float(vec.double().pow(2).sum()) > limit:
+                raise LoraCompileError(
+                    f"{where}the norm of direction.{layer} overflows float32 (max |value| "
+                    f"{float(vec.abs().max()):.3g}): rescale the vector, or use --coef for its strength"
+                )
+
     def validate(self, loaded: LoadedModel) -> None:
         """Refuse vectors that do not fit the model: wrong size, bad layer, NaN/inf."""
         if not self.directions:
@@ -64,8 +77,7 @@ class SteeringVector:
                     f"direction.{layer} has shape {tuple(vec.shape)} but {loaded.name} has hidden size "
                     f"{loaded.hidden_size}: use a vector made for this model"
                 )
-            if not torch.isfinite(vec).all():
-                raise LoraCompileError(f"direction.{layer} contains NaN or infinite values: fix the vector")
+        self.check_values()
 
 
 def save_vector(vector: SteeringVector, path: str | Path, force: bool = False) -> Path:

@@ -120,7 +120,11 @@ class VerifyReport:
     # bf16 concern): both sides are judged against true addition in float32 instead.
     kl_dtype_floor: float | None = None  # KL(true, float32 ‖ true, dtype): what the dtype itself loses
     kl_compiled_vs_float32: float | None = None  # KL(true, float32 ‖ compiled, dtype)
-    kl_excess_ratio: float | None = None  # (kl_compiled_vs_float32 − kl_dtype_floor) / kl_unsteered
+    # Paired per token: mean of KL(true fp32 ‖ compiled) − KL(true fp32 ‖ true in dtype), over kl_unsteered,
+    # with its standard error (prompts as clusters: a prompt's tokens share their rounding history).
+    kl_excess_ratio: float | None = None
+    kl_excess_ratio_se: float | None = None
+    prompts: int = 0
     per_domain: dict[str, dict[str, float]] = field(default_factory=dict)
     generations: list[dict] = field(default_factory=list)
 
@@ -132,6 +136,25 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(p_logits.double(), -1)
     logq = F.log_softmax(q_logits.double(), -1)
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def paired_mean(diff: torch.Tensor, cluster: torch.Tensor) -> tuple[float, float]:
+    """Mean of per-token differences and its cluster-robust standard error (clusters: prompts).
+
+    Tokens of one prompt are not independent (they share the prompt's rounding errors upstream),
+    so the error of the mean is estimated from per-prompt sums: the ratio estimator's variance
+    ``k/(k−1) · Σ_i (S_i − m·n_i)² / N²`` over k prompts with sums S_i of n_i tokens, N = Σ n_i.
+    """
+    diff = diff.double()
+    labels, index = torch.unique(cluster, return_inverse=True)
+    k = len(labels)
+    sums = torch.zeros(k, dtype=torch.float64).index_add_(0, index, diff)
+    counts = torch.zeros(k, dtype=torch.float64).index_add_(0, index, torch.ones_like(diff))
+    mean = float(sums.sum() / counts.sum())
+    if k < 2:
+        return mean, float("inf")
+    var = k / (k - 1) * float(((sums - mean * counts) ** 2).sum()) / float(counts.sum()) ** 2
+    return mean, var**0.5
 
 
 def _greedy(model: torch.nn.Module, loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -175,9 +198,9 @@ def verify(
     pad = loaded.tokenizer.pad_token_id
     batches = list(_batches(token_lists, pad, 2048))
     reference: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-    kl_floor = []
+    kl_floor, token_prompt = [], []
     with torch.no_grad():
-        for _, ids, mask in track(batches, "reference runs"):
+        for batch, ids, mask in track(batches, "reference runs"):
             plain = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             with true_addition(loaded, vector, coef):
                 steered = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -186,6 +209,7 @@ def verify(
                 with true_addition(float32_model, vector, coef):
                     exact = float32_model.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 kl_floor.append(_kl(exact, steered)[mask.bool()])
+                token_prompt.append(torch.tensor(batch)[:, None].expand_as(mask)[mask.bool()])
             reference.append((plain, steered, exact))
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
     kl_c, kl_u, kl_c32, top1, rel, rel_first, domains = [], [], [], [], [], [], []
@@ -243,11 +267,14 @@ def verify(
         }
     floor_fields = {}
     if kl_floor:
-        floor, vs32 = float(torch.cat(kl_floor).mean()), float(torch.cat(kl_c32).mean())
+        floor_all, vs32_all = torch.cat(kl_floor), torch.cat(kl_c32)
+        excess, excess_se = paired_mean(vs32_all - floor_all, torch.cat(token_prompt))
+        unsteered = max(float(kl_u_all.mean()), 1e-30)
         floor_fields = {
-            "kl_dtype_floor": floor,
-            "kl_compiled_vs_float32": vs32,
-            "kl_excess_ratio": (vs32 - floor) / max(float(kl_u_all.mean()), 1e-30),
+            "kl_dtype_floor": float(floor_all.mean()),
+            "kl_compiled_vs_float32": float(vs32_all.mean()),
+            "kl_excess_ratio": excess / unsteered,
+            "kl_excess_ratio_se": excess_se / unsteered,
         }
     return VerifyReport(
         **floor_fields,
@@ -258,6 +285,7 @@ def verify(
         delta_rel_error=rms(torch.cat(rel)),
         delta_rel_error_first=rms(torch.cat(rel_first)),
         tokens=int(kl_c_all.numel()),
+        prompts=len(prompts),
         dtype=str(loaded.dtype).removeprefix("torch."),
         per_domain=per_domain,
         generations=gens,

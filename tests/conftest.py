@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -108,3 +111,39 @@ def gpt2_dir(tmp_path_factory, smol) -> str:
 
     config = GPT2Config(vocab_size=smol.model.config.vocab_size, n_embd=32, n_layer=2, n_head=2)
     return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, smol.tokenizer)
+
+
+class Bounds:
+    """Numeric bounds that record what they check.
+
+    ``bound(name, value, limit)`` asserts ``value <= limit`` (``kind="min"``: ``>=``);
+    ``bound.close(name, actual, expected, rtol, atol)`` asserts what ``torch.testing.assert_close``
+    does and records the fraction of the tolerance used (≤ 1 passes). With ``LORA_COMPILE_BOUNDS``
+    naming a file, every checked value is appended to it as a JSON line: ``scripts/measure_kernels.py``
+    runs the numeric tests under each CPU kernel choice and shows every bound beside its spread.
+    """
+
+    def __init__(self, test: str):
+        self.test = test
+
+    def __call__(self, name: str, value: float, limit: float, kind: str = "max") -> None:
+        value = float(value)
+        path = os.environ.get("LORA_COMPILE_BOUNDS")
+        if path:
+            with open(path, "a") as f:
+                record = {"test": self.test, "name": name, "value": value, "limit": limit, "kind": kind}
+                f.write(json.dumps(record) + "\n")
+        if kind == "max":
+            assert value <= limit, f"{name}: {value:.4g} is above its bound {limit:.4g}"
+        else:
+            assert value >= limit, f"{name}: {value:.4g} is below its bound {limit:.4g}"
+
+    def close(self, name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
+        actual, expected = actual.double(), expected.double().expand_as(actual)
+        used = float(((actual - expected).abs() / (atol + rtol * expected.abs())).max())
+        self(f"{name} (fraction of rtol={rtol:g}, atol={atol:g})", used, 1.0)
+
+
+@pytest.fixture
+def bound(request) -> Bounds:
+    return Bounds(request.node.nodeid.split("::", 1)[-1])

@@ -44,7 +44,8 @@ def test_every_layer_present_zeros_where_not_steering(tiny):
     torch.testing.assert_close(b @ a, sw.vector.double()[:, None] @ sw.direction[None], rtol=1e-5, atol=1e-6)
 
 
-def test_peft_loads_the_adapter_and_reproduces_the_delta(tiny, tmp_path):
+@pytest.mark.numeric
+def test_peft_loads_the_adapter_and_reproduces_the_delta(tiny, tmp_path, bound):
     steered = [_steered(tiny, 1, "resid_mid", 1), _steered(tiny, 3, "resid_post", 2)]
     out = _write(tiny, tmp_path / "adapter", steered)
     assert check_adapter(out, "portable", tiny) == {"portable": []}
@@ -55,7 +56,7 @@ def test_peft_loads_the_adapter_and_reproduces_the_delta(tiny, tmp_path):
         with peft_adapter(tiny, out) as peft_model, torch.no_grad():
             lora_out = peft_model.base_model.model.get_submodule(writer)(x)
         expected = (x.double() @ sw.direction)[:, None] * sw.vector.double()[None]
-        torch.testing.assert_close((lora_out - base).double(), expected, rtol=1e-4, atol=1e-5)
+        bound.close("PEFT LoRA output vs B·A·x", lora_out - base, expected, 1e-4, 1e-5)
     assert not any("lora" in n for n, _ in tiny.model.named_modules())  # base restored
 
 
@@ -121,6 +122,7 @@ def test_resid_pre_is_an_exact_embedding_lora(tiny):
     assert 0.5 <= ratio <= 2.0  # balanced to within the power of two
 
 
+@pytest.mark.numeric
 def test_peft_embedding_lora_adds_exactly_s_and_leaves_a_tied_head_alone(tiny_tied, tmp_path):
     loaded = tiny_tied
     g = torch.Generator().manual_seed(5)

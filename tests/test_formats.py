@@ -86,9 +86,9 @@ def add_to_block_input(loaded, vectors: dict[int, torch.Tensor]):
     return _hooks([_block(loaded, k).register_forward_pre_hook(hook(v), with_kwargs=True) for k, v in vectors.items()])
 
 
-def _assert_same_and_steered(steered, reference, plain):
+def _assert_same_and_steered(steered, reference, plain, bound):
     assert (reference - plain).abs().max() > 1e-2  # the steering does something
-    torch.testing.assert_close(steered, reference, atol=1e-4, rtol=1e-4)
+    bound.close("our steering vs repeng's, logits", steered, reference, 1e-4, 1e-4)
 
 
 # ---- llama.cpp / repeng GGUF -------------------------------------------------------------
@@ -107,7 +107,8 @@ def repeng_steering(repeng, loaded, control_vector):
     assert all(not type(_block(loaded, k)).__name__.startswith("Control") for k in control_vector.directions)
 
 
-def test_repeng_gguf_imports_at_the_layers_repeng_steers(smol, repeng, tmp_path):
+@pytest.mark.numeric
+def test_repeng_gguf_imports_at_the_layers_repeng_steers(smol, repeng, tmp_path, bound):
     directions = {4: _randn(576, 1).numpy(), 17: _randn(576, 2).numpy()}
     repeng.ControlVector(model_type="llama", directions=directions).export_gguf(str(tmp_path / "r.gguf"))
     vec = import_vector(tmp_path / "r.gguf", tmp_path / "v.safetensors", model=smol)
@@ -123,14 +124,15 @@ def test_repeng_gguf_imports_at_the_layers_repeng_steers(smol, repeng, tmp_path)
         theirs = _logits(smol, model)
     with true_addition(smol, saved):
         ours = _logits(smol)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
     # An off-by-one import would not pass: the same vectors one block later give other logits.
     with true_addition(smol, SteeringVector({k + 1: v for k, v in saved.directions.items()})):
         assert (_logits(smol) - theirs).abs().max() > 1e-2
     torch.testing.assert_close(_logits(smol), plain, rtol=0, atol=0)  # the shared model is left clean
 
 
-def test_our_gguf_export_is_read_by_repeng_at_the_same_layers(smol, repeng, tmp_path):
+@pytest.mark.numeric
+def test_our_gguf_export_is_read_by_repeng_at_the_same_layers(smol, repeng, tmp_path, bound):
     vec = SteeringVector({6: _randn(576, 3), 20: _randn(576, 4)}, metadata={"model": smol.model_id})
     path = export_gguf(vec, tmp_path / "o.gguf", model=smol)
     control_vector = repeng.ControlVector.import_gguf(str(path))
@@ -140,7 +142,7 @@ def test_our_gguf_export_is_read_by_repeng_at_the_same_layers(smol, repeng, tmp_
         theirs = _logits(smol, model)
     with true_addition(smol, vec):
         ours = _logits(smol)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
     # Deterministic, and our own reader gives back exactly what was written.
     assert export_gguf(vec, tmp_path / "o2.gguf", model=smol).read_bytes() == path.read_bytes()
     back = read_vector(path)
@@ -192,7 +194,8 @@ def _svec(path, directions: dict[int, torch.Tensor]):
     return path
 
 
-def test_svec_layer_k_is_the_input_of_block_k(tiny, tmp_path):
+@pytest.mark.numeric
+def test_svec_layer_k_is_the_input_of_block_k(tiny, tmp_path, bound):
     ibm = {1: _randn(64, 5), 3: _randn(64, 6)}
     vec = import_vector(_svec(tmp_path / "v.svec", ibm), model=tiny)
     assert vec.site == "resid_post" and vec.layers == [0, 2] and vec.metadata["model_hint"] == "llama"
@@ -201,10 +204,11 @@ def test_svec_layer_k_is_the_input_of_block_k(tiny, tmp_path):
         theirs = _logits(tiny)
     with true_addition(tiny, vec):
         ours = _logits(tiny)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
 
 
-def test_svec_layer_0_is_the_embedding_output(tiny, tmp_path):
+@pytest.mark.numeric
+def test_svec_layer_0_is_the_embedding_output(tiny, tmp_path, bound):
     ibm = {0: _randn(64, 7), 2: _randn(64, 8)}
     path = _svec(tmp_path / "v.svec", ibm)
     with pytest.raises(LoraCompileError, match="--layers"):
@@ -217,7 +221,7 @@ def test_svec_layer_0_is_the_embedding_output(tiny, tmp_path):
         theirs = _logits(tiny)
     with true_addition(tiny, vec):  # resid_pre 0: added to the embedding output
         ours = _logits(tiny)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
     assert import_vector(path, layers=[0], model=tiny).directions[0].equal(vec.directions[0])
 
 
@@ -234,8 +238,9 @@ def _write(path, obj):
     return path
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".npy"])
-def test_single_vector_goes_where_the_user_says(tiny, tmp_path, suffix):
+def test_single_vector_goes_where_the_user_says(tiny, tmp_path, suffix, bound):
     v = _randn(64, 10)
     path = _write(tmp_path / f"v{suffix}", v)
     with pytest.raises(LoraCompileError, match="--layer"):
@@ -248,7 +253,7 @@ def test_single_vector_goes_where_the_user_says(tiny, tmp_path, suffix):
         theirs = _logits(tiny)
     with true_addition(tiny, vec):
         ours = _logits(tiny)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".npy"])
@@ -259,7 +264,8 @@ def test_layers_by_d_matrix_row_l_is_layer_l(tmp_path, suffix):
     torch.testing.assert_close(vec.directions[3], rows[3], rtol=0, atol=0)
 
 
-def test_steering_vectors_decoder_block_is_resid_post(tiny, tmp_path):
+@pytest.mark.numeric
+def test_steering_vectors_decoder_block_is_resid_post(tiny, tmp_path, bound):
     # steering-vectors' SteeringVector(layer_activations, layer_type) as plain data.
     acts = {1: _randn(64, 11), 3: _randn(64, 12)}
     bare = import_vector(_write(tmp_path / "acts.pt", acts))
@@ -271,7 +277,7 @@ def test_steering_vectors_decoder_block_is_resid_post(tiny, tmp_path):
         theirs = _logits(tiny)
     with true_addition(tiny, full):
         ours = _logits(tiny)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
     with pytest.raises(LoraCompileError, match="layer_type 'self_attn'"):
         import_vector(_write(tmp_path / "sa.pt", {"layer_activations": acts, "layer_type": "self_attn"}))
 
@@ -289,7 +295,8 @@ def test_our_own_file_passes_through(tmp_path):
 # ---- SAE decoder rows ------------------------------------------------------------------------
 
 
-def test_sae_row_orientation(tiny, tmp_path):
+@pytest.mark.numeric
+def test_sae_row_orientation(tiny, tmp_path, bound):
     w_dec = torch.randn(200, 64, generator=torch.Generator().manual_seed(14))  # SAELens: [features, d]
     path = _write(tmp_path / "sae.safetensors", {"W_dec": w_dec, "W_enc": w_dec.T.contiguous()})
     vec = import_vector(f"{path}:W_dec[123]", layer=2, model=tiny)
@@ -304,7 +311,7 @@ def test_sae_row_orientation(tiny, tmp_path):
         theirs = _logits(tiny)
     with true_addition(tiny, vec, coef=5.0):
         ours = _logits(tiny)
-    _assert_same_and_steered(ours, theirs, plain)
+    _assert_same_and_steered(ours, theirs, plain, bound)
 
 
 # ---- bad input: one line, nothing written ------------------------------------------------------

@@ -7,6 +7,8 @@ import pytest
 from lora_compile import corpus, scan
 from lora_compile.scan import plot_scan, recommend
 
+pytestmark = pytest.mark.numeric  # tolerances that depend on CPU kernels: run under two in CI
+
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
@@ -27,10 +29,10 @@ def test_every_site_and_layer_is_scanned(smol, result):
     assert set(row["ridge"]) == held_domains | {"all"}
 
 
-def test_ridge_beats_the_one_axis_baseline(result):
+def test_ridge_beats_the_one_axis_baseline(result, bound):
     ratios = result["median_axis_over_ridge"]
-    assert ratios["resid_mid"] >= 5, ratios
-    assert ratios["resid_post"] >= 3, ratios
+    bound("median axis/ridge error, resid_mid", ratios["resid_mid"], 5, "min")
+    bound("median axis/ridge error, resid_post", ratios["resid_post"], 3, "min")
 
 
 def test_recommendation_is_the_best_site(result):

@@ -17,6 +17,8 @@ from lora_compile.extract import extract, read_pairs
 from lora_compile.vectors import save_vector
 from lora_compile.verify import _lora_deltas, peft_adapter
 
+pytestmark = pytest.mark.numeric  # tolerances that depend on CPU kernels: run under two in CI
+
 LAYERS = [8, 10, 12, 14]
 # resid_mid only: where the sequential fit pays off; the resid_post comparison (within 15%,
 # dominated by domain shift) is measured by scripts/measure_sequential.py, too slow for the suite.
@@ -82,7 +84,7 @@ def test_the_report_records_the_mode(compiled):
         assert [x["layer"] for x in result.report["layers"]] == LAYERS
 
 
-def test_sequential_beats_independent_at_resid_mid(verified):
+def test_sequential_beats_independent_at_resid_mid(verified, bound):
     # Measured (README, "Multi-layer vectors"): KL ratio 0.71×, chat 0.60×.
     seq, ind = verified["resid_mid", True], verified["resid_mid", False]
     print(
@@ -92,8 +94,10 @@ def test_sequential_beats_independent_at_resid_mid(verified):
         f"added-vector error {ind.delta_rel_error:.4g} → {seq.delta_rel_error:.4g}"
     )
     assert seq.kl_unsteered > 0.1  # the steering does something
-    assert seq.kl_ratio < 0.85 * ind.kl_ratio and seq.delta_rel_error < 0.9 * ind.delta_rel_error
-    assert seq.per_domain["chat"]["kl_ratio"] < 0.8 * ind.per_domain["chat"]["kl_ratio"]
+    bound("sequential / independent KL ratio", seq.kl_ratio / ind.kl_ratio, 0.85)
+    bound("sequential / independent added-vector error", seq.delta_rel_error / ind.delta_rel_error, 0.9)
+    chat = seq.per_domain["chat"]["kl_ratio"] / ind.per_domain["chat"]["kl_ratio"]
+    bound("sequential / independent KL ratio on chat", chat, 0.8)
     assert seq.top1_agreement > ind.top1_agreement
 
 

@@ -10,6 +10,8 @@ from lora_compile.errors import LoraCompileError
 from lora_compile.extract import ContrastPair, read_pairs
 from lora_compile.vectors import SteeringVector, save_vector
 
+pytestmark = pytest.mark.numeric  # tolerances that depend on CPU kernels: run under two in CI
+
 
 def test_happy_vector_raises_the_score_and_kl_grows_with_the_coefficient(smol, smol_vector, tmp_path):
     coefs = [-2.0, 0.0, 1.0, 2.0, 4.0, 8.0]
@@ -27,7 +29,7 @@ def test_happy_vector_raises_the_score_and_kl_grows_with_the_coefficient(smol, s
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_score_is_the_log_odds_gap_of_the_completions(smol):
+def test_score_is_the_log_odds_gap_of_the_completions(smol, bound):
     """Check the score at coef 0 against log-probabilities computed by hand, one sequence at a time."""
     tok = smol.tokenizer
     pair = ContrastPair("Today I feel very happy", "Today I feel very sad")
@@ -40,7 +42,7 @@ def test_score_is_the_log_odds_gap_of_the_completions(smol):
         with torch.no_grad():
             logp = torch.log_softmax(smol.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
         expected += sign * sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))
-    assert result.rows[0]["score"] == pytest.approx(expected, abs=1e-4)
+    bound("|score − independent log-odds|", abs(result.rows[0]["score"] - expected), 1e-4)
 
 
 def test_prompts_only_gives_kl_without_a_score(tiny, tmp_path):

@@ -85,6 +85,7 @@ def vector(smol_vector):
 CASES = [(name, None) for name in PROFILES] + [("vllm", "bfloat16"), ("llamacpp", "float16")]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("target, dtype", CASES, ids=[f"{t}-{d or 'default'}" for t, d in CASES])
 def test_compiled_adapter_passes_its_target_and_reproduces_the_delta(
     smol, calibration, vector, heldout_subset, tmp_path, target, dtype

@@ -10,6 +10,8 @@ from lora_compile.extract import extract, read_pairs
 from lora_compile.vectors import SteeringVector
 from lora_compile.verify import peft_adapter, true_addition
 
+pytestmark = pytest.mark.numeric  # tolerances that depend on CPU kernels: run under two in CI
+
 COEF = 4.0
 
 
@@ -38,18 +40,19 @@ def test_exported_adapters_pass_every_serving_target(smol, compiled):
         assert all(p == [] for p in problems.values()), problems
 
 
-def test_resid_mid_18_is_nearly_exact_on_other_domains(verified):
+def test_resid_mid_18_is_nearly_exact_on_other_domains(verified, bound):
     report = verified[("resid_mid", 18)]
-    assert report.kl_ratio <= 1e-4, report.kl_ratio
-    assert "chat" in report.per_domain and report.per_domain["chat"]["kl_ratio"] <= 1e-4
-    assert report.top1_agreement >= 0.99
+    bound("KL ratio, resid_mid 18", report.kl_ratio, 1e-4)
+    assert "chat" in report.per_domain
+    bound("KL ratio on chat, resid_mid 18", report.per_domain["chat"]["kl_ratio"], 1e-4)
+    bound("top-1 agreement, resid_mid 18", report.top1_agreement, 0.99, "min")
     assert report.kl_unsteered > 0.1  # the steering does something
 
 
-def test_layer_10_sites_reach_the_goal(verified):
+def test_layer_10_sites_reach_the_goal(verified, bound):
     # Goal of the issue: ≤ 0.02 at the harder sites on held-out chat prompts.
     for key in (("resid_mid", 10), ("resid_post", 10)):
-        assert verified[key].per_domain["chat"]["kl_ratio"] <= 0.02, (key, verified[key].per_domain["chat"])
+        bound(f"KL ratio on chat, {key[0]} 10", verified[key].per_domain["chat"]["kl_ratio"], 0.02)
 
 
 def test_predicted_and_measured_error_agree_in_order_of_magnitude(compiled, verified):
@@ -69,7 +72,7 @@ def test_greedy_generations_agree_at_resid_mid_18(smol, compiled, heldout_subset
         assert g["true"] != g["unsteered"]
 
 
-def test_true_addition_adds_exactly_at_the_site(smol, smol_vector):
+def test_true_addition_adds_exactly_at_the_site(smol, smol_vector, bound):
     vec = SteeringVector({18: smol_vector.directions[18]}, "resid_mid")
     ids = smol.tokenizer("Hello world, this is a test.", return_tensors="pt")
     captured = []
@@ -83,12 +86,8 @@ def test_true_addition_adds_exactly_at_the_site(smol, smol_vector):
                 smol.model(**ids)
     finally:
         h.remove()
-    torch.testing.assert_close(
-        captured[1] - captured[0],
-        (2.0 * vec.directions[18]).expand_as(captured[0]),
-        rtol=0,
-        atol=5e-3,  # float32 rounding of a residual stream of norm ~1e3
-    )
+    # atol: float32 rounding of a residual stream of norm ~1e3
+    bound.close("added vector at resid_mid 18", captured[1] - captured[0], 2.0 * vec.directions[18], 0, 5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +114,7 @@ def test_resid_pre_is_exact(smol, resid_pre, heldout_subset):
     assert smol.dtype == torch.float32  # verifying in bfloat16 used a copy
 
 
-def test_merged_embedded_model_matches_the_adapter(smol, resid_pre, tmp_path):
+def test_merged_embedded_model_matches_the_adapter(smol, resid_pre, tmp_path, bound):
     _, result = resid_pre
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(result.adapter_dir, tmp_path / "merged", smol))
     ids = smol.tokenizer(["The weather today is", "I feel"], return_tensors="pt", padding=True)
@@ -125,7 +124,7 @@ def test_merged_embedded_model_matches_the_adapter(smol, resid_pre, tmp_path):
         got = merged(**ids).logits
         base = smol.model(**ids).logits
     assert float((expected - base).abs().max()) > 0.1
-    assert float((got - expected).abs().max()) < 1e-4
+    bound("max |merged − PEFT| logit, embedded model", (got - expected).abs().max(), 1e-4)
     torch.testing.assert_close(merged.get_output_embeddings().weight, smol.model.get_output_embeddings().weight)
 
 
@@ -138,7 +137,7 @@ def mid18(smol, smol_vector, tmp_path_factory):
     return vec, compile_adapter(vec, path, smol, coef=COEF, calibration=calibration)
 
 
-def test_bfloat16_serving_adds_no_error_beyond_bfloat16_rounding(smol, mid18, heldout_subset):
+def test_bfloat16_serving_adds_no_error_beyond_bfloat16_rounding(smol, mid18, heldout_subset, bound):
     vec, result = mid18
     fp32, bf16 = (
         verify_adapter(result.adapter_dir, vec, smol, prompts=heldout_subset, generations=0, dtype=dtype)
@@ -149,10 +148,13 @@ def test_bfloat16_serving_adds_no_error_beyond_bfloat16_rounding(smol, mid18, he
     # norm ~1e3), far above the adapter's float32 error: the raw bf16-vs-bf16 ratio measures rounding.
     assert bf16.kl_dtype_floor > 10 * fp32.kl_compiled
     assert bf16.kl_ratio > fp32.kl_ratio
-    # Judged against float32 true addition, the bf16 adapter is as close as bf16 true addition is;
-    # what it adds on top is within 2x of its float32 error.
-    assert abs(bf16.kl_excess_ratio) <= 2 * fp32.kl_ratio, (bf16.kl_excess_ratio, fp32.kl_ratio)
-    assert bf16.kl_compiled_vs_float32 <= 1.05 * bf16.kl_dtype_floor
+    # Judged against float32 true addition, per token and paired, the bf16 adapter adds at most
+    # 5e-4 × KL(true‖unsteered) beyond bf16 true addition's own rounding (95% upper bound).
+    # Measured (scripts/measure_kernels.py, see README "Served dtype"): excess 1.6e-5 … 1.1e-4 with
+    # 1.96·se ≈ 9e-5 across ATEN_CPU_CAPABILITY default/avx2/avx512 × 1/2 threads, so the upper
+    # bound spans ≈ 1.1e-4 … 2.1e-4 here; 1.4e-4 (point) was seen on an AVX2-only AMD EPYC.
+    bound("bf16 excess KL ratio, 95% upper bound", bf16.kl_excess_ratio + 1.96 * bf16.kl_excess_ratio_se, 5e-4)
+    bound("bf16 KL(true fp32‖compiled) / floor", bf16.kl_compiled_vs_float32 / bf16.kl_dtype_floor, 1.25)
 
 
 def test_true_addition_at_resid_pre_adds_to_hidden_states_0(tiny):

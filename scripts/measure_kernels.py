@@ -1,0 +1,88 @@
+"""How far the suite's numeric bounds are from failing, under every CPU kernel choice.
+
+PyTorch picks its CPU kernels by the processor (``ATEN_CPU_CAPABILITY`` forces a choice:
+default, avx2, avx512) and sums in another order with another thread count, so a number
+measured on one machine moves on another. This runs the tests marked ``numeric`` once per
+variant (capability × threads, each in a fresh process), with every bound they check
+recorded (the ``bound`` fixture in ``tests/conftest.py``), and prints a Markdown table:
+each bound beside the range of its value across the variants, and each variant's result.
+
+    python scripts/measure_kernels.py                       # default, avx2, avx512 × 1, 2 threads
+    python scripts/measure_kernels.py --variants avx2:2 default:1 --out bounds.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_variant(capability: str, threads: str, record: Path) -> tuple[str, float]:
+    env = {**os.environ, "LORA_COMPILE_BOUNDS": str(record), "OMP_NUM_THREADS": threads}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "numeric", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line), "no summary")
+    return summary.strip("= "), time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[f"{c}:{t}" for c in ("default", "avx2", "avx512") for t in (1, 2)],
+        help="CAPABILITY:THREADS (an empty capability keeps the machine's own choice)",
+    )
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    values: dict[tuple[str, str], dict] = {}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:
+            capability, threads = variant.split(":")
+            record = Path(tmp) / f"{capability or 'own'}-{threads}.jsonl"
+            summary, seconds = run_variant(capability, threads, record)
+            runs.append(f"| {capability or 'own'} | {threads} | {summary} | {seconds:.0f} s |")
+            print(runs[-1], flush=True)
+            for line in record.read_text().splitlines() if record.exists() else []:
+                r = json.loads(line)
+                entry = values.setdefault((r["test"], r["name"]), {"limit": r["limit"], "kind": r["kind"], "seen": []})
+                entry["seen"].append(r["value"])
+    lines = [
+        f"Variants: {', '.join(args.variants)} (ATEN_CPU_CAPABILITY:threads).",
+        "",
+        "| variant | threads | numeric tests | time |",
+        "|---|---|---|---|",
+        *runs,
+        "",
+        "| test | bound | limit | measured (min … max over variants) |",
+        "|---|---|---|---|",
+    ]
+    for (test, name), e in sorted(values.items()):
+        sign = "≤" if e["kind"] == "max" else "≥"
+        lines.append(f"| {test} | {name} | {sign} {e['limit']:.3g} | {min(e['seen']):.3g} … {max(e['seen']):.3g} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
