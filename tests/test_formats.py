@@ -88,7 +88,7 @@ def add_to_block_input(loaded, vectors: dict[int, torch.Tensor]):
 
 def _assert_same_and_steered(steered, reference, plain, bound):
     assert (reference - plain).abs().max() > 1e-2  # the steering does something
-    bound.close("our steering vs repeng's, logits", steered, reference, 1e-4, 1e-4)
+    bound.close("our steering vs the other tool's, logits", steered, reference, 1e-4, 1e-4)
 
 
 # ---- llama.cpp / repeng GGUF -------------------------------------------------------------
