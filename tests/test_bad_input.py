@@ -61,6 +61,14 @@ CASES = [
      "unknown target"),
     ("compile-unknown-dtype", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/out", "--dtype", "float8"],
      "unknown dtype"),
+    ("compile-no-direction-for-layer", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/out", "--layers", "3"],
+     "no direction for layer"),
+    ("compile-resid-pre-beyond-layer-0", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/out", "--site",
+                                          "resid_pre", "-t", "peft"], "exists only at layer(s) 0"),
+    ("compile-unknown-direction-method", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/out", "--direction",
+                                          "pca"], "unknown direction method"),
+    ("compile-missing-model", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/out", "--model", "{w}/m.gguf"],
+     "does not exist"),
     # compile: the outputs
     ("compile-existing-output", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/adapter"], "already exists"),
     ("compile-missing-parent", ["compile", "-v", "{w}/vec.safetensors", "-o", "{w}/no/out"], "does not exist"),
@@ -104,6 +112,16 @@ CASES = [
      "holds no contrast pairs"),
     ("extract-layers-descending", ["extract", "--pairs", "{w}/pairs.jsonl", "--layer", "2-1", "-o",
                                    "{w}/v.safetensors"], "empty range 2-1"),
+    ("extract-layers-text", ["extract", "--pairs", "{w}/pairs.jsonl", "--layer", "a-b", "-o", "{w}/v.safetensors"],
+     "cannot read layers"),
+    ("extract-layer-out-of-range", ["extract", "--pairs", "{w}/pairs.jsonl", "--layer", "7", "-o",
+                                    "{w}/v.safetensors"], "layer 7 is out of range"),
+    ("extract-unknown-method", ["extract", "--pairs", "{w}/pairs.jsonl", "--layer", "1", "--method", "pca", "-o",
+                                "{w}/v.safetensors"], "unknown extraction method"),
+    ("extract-unknown-position", ["extract", "--pairs", "{w}/pairs.jsonl", "--layer", "1", "--position", "first",
+                                  "-o", "{w}/v.safetensors"], "unknown token position"),
+    ("extract-unpaired-texts", ["extract", "--positive", "{w}/three.txt", "--negative", "{w}/two.txt", "--layer", "1",
+                                "-o", "{w}/v.safetensors"], "has 3 texts but"),
     ("extract-positive-alone", ["extract", "--positive", "{w}/blank.txt", "--layer", "1", "-o", "{w}/v.safetensors"],
      "give both --positive and --negative"),
     # sweep
@@ -111,6 +129,8 @@ CASES = [
      "cannot read coefficients"),
     ("sweep-infinite-coefficient", ["sweep", "-v", "{w}/vec.safetensors", "--coefs", "1,inf", "-o", "{w}/s.png"],
      "non-finite"),
+    ("sweep-no-direction-for-layer", ["sweep", "-v", "{w}/vec.safetensors", "--layers", "3", "-o", "{w}/s.png"],
+     "no direction for layer"),
     ("sweep-existing-plot", ["sweep", "-v", "{w}/vec.safetensors", "-o", "{w}/text.safetensors"], "already exists"),
     # import
     ("import-text-as-gguf", ["import", "{w}/text.gguf", "-o", "{w}/v.safetensors"], "not a readable GGUF file"),
@@ -190,6 +210,8 @@ def w(tmp_path, good_adapter):
     np.save(d / "v.npy", np.ones(D, np.float32))
     np.save(d / "1e30.npy", np.full(D, 1e30, np.float32))
     (d / "blank.txt").write_text("\n\n   \n")
+    (d / "three.txt").write_text("I am good\nI am glad\nI am fine\n")
+    (d / "two.txt").write_text("I am bad\nI am sad\n")
     (d / "cal.jsonl").write_text("\n".join(json.dumps({"text": f"Some text number {i}."}) for i in range(8)))
     (d / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "no closing quote}\n')
     (d / "pairs.jsonl").write_text(json.dumps({"positive": "I am glad", "negative": "I am sad"}) + "\n")
@@ -219,7 +241,7 @@ def _snapshot(root) -> dict[str, str]:
 @pytest.mark.parametrize("case, args, match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, args, match, w, tiny_dir):
     argv = [a.format(w=w) for a in args]
-    if argv[0] in TAKES_MODEL:
+    if argv[0] in TAKES_MODEL and "--model" not in argv:
         argv += ["--model", tiny_dir]
     before = _snapshot(w.parent)
     result = runner.invoke(app, argv)

@@ -93,54 +93,12 @@ def test_extract_and_scan(tiny_dir, tmp_path, texts):
     assert len(data["sites"]) == 8 and (scan_dir / "scan.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize(
-    "directions, extra, match",
-    [
-        ({1: torch.randn(65)}, [], "hidden size 64"),
-        ({9: torch.randn(64)}, [], "layer 9 is out of range"),
-        ({1: torch.randn(64)}, ["--layers", "3"], "no direction for layer"),
-        ({1: torch.full((64,), float("nan"))}, [], "NaN"),
-        ({1: torch.randn(64)}, ["--site", "resid_in"], "unknown site"),
-        ({1: torch.randn(64)}, ["--site", "resid_pre", "-t", "peft"], "exists only at layer(s) 0"),
-        ({1: torch.randn(64)}, ["--direction", "pca"], "unknown direction method"),
-    ],
-)
-def test_bad_vector_or_request(tiny_dir, tmp_path, texts, directions, extra, match):
-    vec = _vector(tmp_path, directions)
-    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *extra, *texts], tmp_path, match)
-
-
-def test_missing_vector_file(tiny_dir, tmp_path):
-    _fails(
-        ["compile", "-v", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "out"), "--model", tiny_dir],
-        tmp_path,
-        "does not exist",
-    )
-
-
 def test_unsupported_architecture(gpt2_dir, tmp_path, texts):
     vec = _vector(tmp_path, {1: torch.randn(32)})
     _fails(
         ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", gpt2_dir, *texts],
         tmp_path,
         "unsupported architecture 'gpt2'",
-    )
-
-
-def test_existing_output_directory(tiny_dir, tmp_path, texts):
-    vec = _vector(tmp_path, {1: torch.randn(64)})
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *texts], tmp_path, "already exists")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-
-
-def test_missing_model_file(tmp_path):
-    vec = _vector(tmp_path, {1: torch.randn(64)})
-    _fails(
-        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", str(tmp_path / "m.gguf")],
-        tmp_path,
-        "does not exist",
     )
 
 
@@ -177,34 +135,6 @@ def test_extract_methods_from_text_files_then_sweep(tiny_dir, tmp_path):
     assert [r["coef"] for r in rows] == [-1, 0, 2] and rows[1]["kl"] == 0 and rows[0]["kl"] > 0
 
 
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["extract", "--pairs", "p.jsonl", "--layer", "1", "--method", "pca"], "unknown extraction method"),
-        (["extract", "--pairs", "p.jsonl", "--layer", "1", "--position", "first"], "unknown token position"),
-        (["extract", "--pairs", "p.jsonl", "--layer", "7"], "layer 7 is out of range"),
-        (["extract", "--positive", "p.txt", "--negative", "n.txt", "--layer", "1"], "has 3 texts but"),
-        (["sweep", "-v", "v.safetensors", "--coefs", "1,x"], "cannot read coefficients"),
-        (["sweep", "-v", "v.safetensors", "--layers", "2"], "no direction for layer"),
-    ],
-)
-def test_extract_and_sweep_bad_input(tiny_dir, tmp_path, monkeypatch, args, match):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "p.jsonl").write_text(json.dumps({"positive": "I am good", "negative": "I am bad"}) + "\n")
-    (tmp_path / "p.txt").write_text("I am good\nI am glad\nI am fine\n")
-    (tmp_path / "n.txt").write_text("I am bad\nI am sad\n")
-    _vector(tmp_path, {1: torch.randn(64)})
-    _fails([*args, "-o", "out.file", "--model", tiny_dir], tmp_path, match)
-
-
-def test_bad_layers_spec(tiny_dir, tmp_path):
-    _fails(
-        ["extract", "--pairs", "x.jsonl", "--layer", "a-b", "-o", str(tmp_path / "v.safetensors")],
-        tmp_path,
-        "cannot read layers",
-    )
-
-
 def test_compile_for_a_target(tiny_dir, tmp_path, texts):
     vec = _vector(tmp_path, {1: torch.randn(64)})
     out = tmp_path / "adapter"
@@ -220,18 +150,6 @@ def test_compile_for_a_target(tiny_dir, tmp_path, texts):
     assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
     check = runner.invoke(app, ["check", str(named), "--model", tiny_dir])
     assert check.exit_code == 0, check.output
-
-
-@pytest.mark.parametrize(
-    "extra, match",
-    [
-        (["--target", "vllm2"], "unknown target 'vllm2': use one of portable, peft, vllm, sglang"),
-        (["--dtype", "float64"], "unknown dtype 'float64'"),
-    ],
-)
-def test_bad_target_or_dtype(tiny_dir, tmp_path, texts, extra, match):
-    vec = _vector(tmp_path, {1: torch.randn(64)})
-    _fails(["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, *extra, *texts], tmp_path, match)
 
 
 def test_resid_pre_compile_merge_and_verify_in_two_dtypes(tiny_dir, tmp_path, texts):

@@ -355,9 +355,7 @@ def bad_files(tmp_path, tiny_dir):
         (["import", "{d}/two.pt", "--layer", "3"], "FILE:KEY"),
         (["import", "{d}/v.txt"], "--format"),
         (["import", "{d}/nan.npy", "--layer", "1"], "NaN"),
-        (["import", "{d}/d32.gguf", "--format", "onnx"], "unknown format"),
         (["import", "{d}/d32.gguf", "--model", "{tiny}", "--layers", "5"], "no direction for layer(s) [5]"),
-        (["export", "{d}/mid.safetensors"], "resid_mid"),
     ],
 )
 def test_bad_input_one_line_nothing_written(bad_files, tiny_dir, args, match):
