@@ -17,9 +17,9 @@ from lora_compile.scan import site_keys
 
 @pytest.fixture(scope="session")
 def smol() -> LoadedModel:
-    """The embedded SmolLM2-135M-Instruct, fp32 on CPU."""
+    """The embedded SmolLM2-135M-Instruct, fp32 on CPU (also where CUDA is available: the bounds are CPU-measured)."""
     torch.manual_seed(0)
-    return load_model()
+    return load_model(device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def tiny_dir(tmp_path_factory, smol) -> str:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir) -> LoadedModel:
-    return load_model(tiny_dir)
+    return load_model(tiny_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +99,7 @@ def tiny_tied_dir(tmp_path_factory, smol) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tied(tiny_tied_dir) -> LoadedModel:
-    loaded = load_model(tiny_tied_dir)
+    loaded = load_model(tiny_tied_dir, device="cpu")
     assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight
     return loaded
 
