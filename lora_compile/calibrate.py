@@ -37,6 +37,27 @@ class _StopForward(Exception):
     """Raised after the deepest layer needed, so the rest of the model never runs."""
 
 
+def _batch_gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` of one batch on a GPU, in float32.
+
+    Not float64: consumer GPUs run it at 1/32–1/64 of float32. float32 loses nothing that
+    matters: bfloat16 or float16 activations (8 or 11 significant bits) multiply exactly in
+    float32 (24 bits), so only the sum over one batch's ≤ 4096 tokens rounds (relative
+    ≈ 1e-7·√n), and batches add in float64. Such activations go to the tensor cores as they
+    are, with float32 accumulation (``mm(out_dtype=float32)``, torch ≥ 2.8): the same
+    arithmetic as a float32 product, several times faster (scripts/measure_gpu.py measures
+    both against float64). Float32 activations take a float32 product; TF32 (inputs rounded
+    to 10 bits) is off for it unless the user turned it on (``torch.backends.cuda.matmul``).
+    """
+    if x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8: no out_dtype
+            pass
+    x = x.to(torch.float32)
+    return x.T @ x
+
+
 @dataclass
 class Moments:
     """Sufficient statistics of one site's writer inputs for the ridge fit."""
@@ -73,19 +94,13 @@ class Moments:
 
         On the CPU the batch product is float64, as the sums are (float64 costs the CPU only
         2× float32, and keeps the numbers the suite's bounds were measured with). On a GPU it
-        is float32, summed per batch into the float64 accumulator: consumer GPUs run float64
-        at 1/32–1/64 of float32, and float32 loses nothing that matters here: bfloat16 or
-        float16 activations (8 or 11 significant bits) multiply exactly in float32 (24 bits),
-        so only the sum over one batch's ≤ 4096 tokens rounds (relative ≈ 1e-7·√n), and
-        batches add in float64. TF32 would round the inputs to 10 bits: it is off for float32
-        matrix products unless the user turned it on (``torch.backends.cuda.matmul``).
+        is a float32 product, added per batch into the float64 accumulator (``_batch_gram``).
         """
         if x.device.type == "cpu":
             x = x.to(torch.float64)
             self.gram.addmm_(x.T, x)
         else:
-            x = x.to(torch.float32)
-            self.gram += (x.T @ x).to(torch.float64)
+            self.gram += _batch_gram(x)  # float32 added into float64 in place: no float64 copy
         self.total += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
 

@@ -97,6 +97,30 @@ def _timed(fn):
     return value, time.time() - start, torch.cuda.max_memory_allocated() / GIB
 
 
+def batch_gram_costs(loaded, token_lists) -> dict:
+    """One batch's ``xᵀx`` of the layer-16 ``down_proj`` input three ways: time, and error against float64."""
+    from lora_compile.calibrate import stream_writer_inputs
+
+    batches = stream_writer_inputs(loaded, [("resid_post", 16)], token_lists, "one batch")
+    _, mask, inputs = next(batches)
+    batches.close()
+    x = inputs[("resid_post", 16)]
+    x = x[mask.to(x.device)]
+    exact = x.double().T @ x.double()
+    ways = {
+        "float64": lambda: x.double().T @ x.double(),
+        "float32 (TF32 off)": lambda: x.float().T @ x.float(),
+        "bfloat16 tensor cores, float32 accumulation": lambda: torch.mm(x.T, x, out_dtype=torch.float32),
+    }
+    costs = {"tokens": int(x.shape[0]), "d": int(x.shape[1])}
+    for name, product in ways.items():
+        product()
+        _, seconds, _ = _timed(lambda p=product: [p() for _ in range(5)])
+        err = float((product().double() - exact).norm() / exact.norm())
+        costs[name] = {"ms": round(seconds / 5 * 1000, 2), "relative_error_vs_float64": err}
+    return costs
+
+
 def llama8b(tokenizer_dir: Path, work: Path, group_layers: int | None) -> dict:
     """Compile and scan costs of a random Llama-3-8B-shaped model in bfloat16 on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -150,6 +174,8 @@ def llama8b(tokenizer_dir: Path, work: Path, group_layers: int | None) -> dict:
         "seconds": round(seconds, 2),
         "tokens_per_s": round(out["calibration_tokens"] / seconds),
     }
+    out["batch_gram_down_proj_16"] = batch_gram_costs(loaded, token_lists)
+    print("batch gram", json.dumps(out["batch_gram_down_proj_16"]), flush=True)
     vectors = {}
     for site in ("resid_mid", "resid_post"):
         _, seconds, peak = _timed(lambda site=site: calibrate(loaded, samples, [(site, 16)]))
