@@ -30,7 +30,7 @@ from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .outputs import atomic_file, atomic_outputs, check_writable
 from .scan import memory_plan, plan_layer_groups, plot_scan, scan_in_groups, scan_sites, site_keys
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
-from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter, torch_dtype
+from .targets import DEFAULT_TARGET, PROFILES, TargetProfile, lint, meta_model, profile, read_adapter, torch_dtype
 from .vectors import SteeringVector, load_vector, save_vector
 from .verify import VerifyReport, verify
 
@@ -386,7 +386,7 @@ def _compile(
     loaded: LoadedModel,
     steering: SteeringVector,
     out_dir: str | Path,
-    prof,
+    prof: TargetProfile,
     peak: PeakMemory,
     *,
     coef: float,

@@ -109,7 +109,9 @@ def device_memory_bytes(device: torch.device) -> int:
     """Memory a plan may use on ``device``: free GPU memory, or the CPU's available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # Blocks torch's allocator holds but no tensor uses are free to us, not to the driver.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
