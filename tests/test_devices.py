@@ -155,13 +155,14 @@ def test_bfloat16_compile_matches_float32(smol, smol_vector, heldout_subset, tmp
     b = torch.stack([_direction(tmp_path / d, s, writer) for d in ("float32", "bfloat16")])
     values = project_inputs(smol, heldout_subset, {("resid_mid", 18): b})[("resid_mid", 18)].values
     # RMS over held-out tokens of (b_bf16 − b_fp32)·x: the relative difference of the vectors the two
-    # adapters add. Measured 0.0000 across ATEN_CPU_CAPABILITY default/avx2/avx512 × 1/2 threads.
+    # adapters add. Measured 0.00304–0.00310 under ATEN_CPU_CAPABILITY default, avx2 and the machine's
+    # own (avx512), 1 and 2 threads (OMP_NUM_THREADS): bound 2× the largest.
     diff = float((values[:, 1] - values[:, 0]).pow(2).mean().sqrt())
-    bound("rms of (b_bf16 - b_fp32)·x on held-out, resid_mid 18", diff, 1.0)
+    bound("rms of (b_bf16 - b_fp32)·x on held-out, resid_mid 18", diff, 0.0062)
     fit = {d: reports[d]["layers"][0]["fit_error"]["all"]["rms"] for d in reports}
-    # Measured: float32 0.0000, bfloat16 0.0000 (same variants).
-    bound("held-out fit error (rms), bfloat16 calibration", fit["bfloat16"], 1.0)
-    bound("held-out fit error (rms), float32 calibration", fit["float32"], 1.0)
+    # Held-out fit error: float32 0.00654 under every variant, bfloat16 0.00613–0.00639 (ratio
+    # 0.94–0.98: bfloat16 calibration costs this site nothing measurable). Bound: 25% worse than float32.
+    bound("held-out fit error, bfloat16 calibration / float32", fit["bfloat16"] / fit["float32"], 1.25)
 
 
 @needs_cuda
