@@ -1,9 +1,11 @@
 """GPU figures for the README: every pass on CUDA in bfloat16, and what a Llama-3-8B-shaped model costs.
 
-Two parts, each printed as a table and written to ``--out`` as JSON:
+Two parts, printed and written to ``--out`` as JSON. ``--tokenizer`` is a saved copy of the
+embedded model's tokenizer (the GGUF itself is too large to carry to a GPU machine), made where
+the embedded model is installed: ``lc.load_model(device="cpu").tokenizer.save_pretrained(DIR)``.
 
 ``wiring``: a randomly initialised twin of the embedded SmolLM2-135M (its shipped config, the
-tokenizer from ``--tokenizer``, a ``save_pretrained`` copy of the embedded model's tokenizer), run
+tokenizer from ``--tokenizer``), run
 through the command line with ``--device cuda --model-dtype bfloat16``: extract, compile, scan,
 verify, sweep, merge; and the same compile on the CPU in bfloat16 and float32 beside it.
 
