@@ -5,9 +5,9 @@ embedded model's tokenizer (the GGUF itself is too large to carry to a GPU machi
 the embedded model is installed: ``lc.load_model(device="cpu").tokenizer.save_pretrained(DIR)``.
 
 ``wiring``: a randomly initialised twin of the embedded SmolLM2-135M (its shipped config, the
-tokenizer from ``--tokenizer``), run
-through the command line with ``--device cuda --model-dtype bfloat16``: extract, compile, scan,
-verify, sweep, merge; and the same compile on the CPU in bfloat16 and float32 beside it.
+tokenizer from ``--tokenizer``), run through the command line with ``--device cuda --model-dtype
+bfloat16``: extract, compile, scan, verify, sweep, merge; and the same compile on the CPU in
+bfloat16 and float32 beside it.
 
 ``llama8b``: a randomly initialised Llama-3-8B-shaped model in bfloat16, built from its config on
 the GPU (no weights downloaded: it measures cost, not fidelity), through the Python API on the
