@@ -83,9 +83,6 @@ class PeakMemory:
     def to_dict(self) -> dict:
         return {**asdict(self), "peak_gib": round(self.peak_gib, 3)}
 
-    def describe(self) -> str:
-        return f"peak memory {self.peak_gib:.2f} GiB ({self.measure})"
-
 
 def _max_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
