@@ -20,6 +20,7 @@ from .calibrate import (
     project_inputs,
     self_generate,
 )
+from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, PeakMemory, peak_memory, resolve_device
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
@@ -27,9 +28,9 @@ from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors
 from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .outputs import atomic_file, atomic_outputs, check_writable
-from .scan import plot_scan, scan_sites, site_keys
+from .scan import memory_plan, plan_layer_groups, plot_scan, scan_in_groups, scan_sites, site_keys
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
-from .targets import DEFAULT_TARGET, PROFILES, lint, meta_model, profile, read_adapter, torch_dtype
+from .targets import DEFAULT_TARGET, PROFILES, TargetProfile, lint, meta_model, profile, read_adapter, torch_dtype
 from .vectors import SteeringVector, load_vector, save_vector
 from .verify import VerifyReport, verify
 
@@ -39,8 +40,11 @@ TextsArg = list[str | Path | corpus.Sample] | None
 VectorArg = SteeringVector | str | Path
 
 
-def _model(model: ModelArg) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
+def _model(model: ModelArg, device: str = DEFAULT_DEVICE, model_dtype: str = DEFAULT_MODEL_DTYPE) -> LoadedModel:
+    """A loaded model is used as it is (its own device and dtype); a name is loaded on ``device`` in ``model_dtype``."""
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(model, model_dtype, device)
 
 
 def _vector(vector: VectorArg) -> SteeringVector:
@@ -97,20 +101,36 @@ def scan(
     out_png: str | Path | None = None,
     force: bool = False,
     calibration: Calibration | None = None,
-) -> tuple[dict, Calibration]:
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
+    group_layers: int | None = None,
+) -> tuple[dict, Calibration | None]:
     """Fit error of ridge and axis directions at every site; returns (result, calibration).
 
-    The calibration can be passed on to ``compile_adapter`` to skip recomputing it.
+    The calibration (on the CPU) can be passed on to ``compile_adapter`` to skip recomputing it.
+    Layers are calibrated in groups whose moments fit in memory (``group_layers`` per group, or
+    planned from the free memory of the model's device, see ``scan.plan_layer_groups``); a scan in
+    several groups keeps no moments and returns None for the calibration. ``result["memory"]``
+    has the plan and the peak memory.
     """
     for path in (out_json, out_png):
         if path is not None:
             check_writable(path, force)
-    loaded = _model(model)
+    if group_layers is not None and group_layers < 1:
+        raise LoraCompileError(f"--group-layers {group_layers}: give a positive number of layers per group")
+    resolve_device(device)  # a bad or absent device fails before the model loads
+    loaded = _model(model, device, model_dtype)
     keys = site_keys(loaded, sites, layers)
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
-    if calibration is None:
-        calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
-    result = scan_sites(loaded, calibration, heldout_samples, ridge)
+    with peak_memory(loaded.device) as peak:
+        if calibration is not None:
+            result = scan_sites(loaded, calibration, heldout_samples, ridge)
+            groups = [sorted({layer for _, layer in calibration.moments})]
+        else:
+            samples = calibration_samples(loaded, texts, self_generated, seed)
+            groups = plan_layer_groups(loaded, keys, group_layers)
+            result, calibration = scan_in_groups(loaded, samples, heldout_samples, keys, groups, ridge)
+    result["memory"] = {**peak.to_dict(), **memory_plan(loaded, keys, groups)}
     write_outputs(
         {out_json: lambda tmp: tmp.write_text(_json_text(result)), out_png: lambda tmp: plot_scan(result, tmp)}, force
     )
@@ -142,6 +162,8 @@ def extract_vector(
     position: str = "last",
     positive: str | Path | None = None,
     negative: str | Path | None = None,
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
 ) -> SteeringVector:
     """A steering vector at ``resid_post L`` from contrast pairs, for every layer in one pass.
 
@@ -156,7 +178,7 @@ def extract_vector(
     if pair_list is None:
         raise LoraCompileError("no contrast pairs given: pass a pairs .jsonl or --positive/--negative text files")
     check_options(method, position)
-    vector = extract(_model(model), pair_list, layers, method, position)
+    vector = extract(_model(model, device, model_dtype), pair_list, layers, method, position)
     if out is not None:
         save_vector(vector, out, force)
     return vector
@@ -227,6 +249,8 @@ def sweep(
     out_png: str | Path | None = None,
     out_json: str | Path | None = None,
     force: bool = False,
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
 ) -> SweepResult:
     """Behaviour score and KL to unsteered against the coefficient, with true addition (nothing compiled).
 
@@ -242,7 +266,7 @@ def sweep(
     prompt_samples = corpus.load_texts(prompts, []) if prompts else None
     if pair_list is None and prompt_samples is None:
         pair_list = read_pairs(corpus.demo_pairs_path())
-    loaded = _model(model)
+    loaded = _model(model, device, model_dtype)
     loaded.arch.site(steering.site)
     steering.validate(loaded)
     result = sweep_coefficients(loaded, steering, coefs, pair_list, prompt_samples)
@@ -318,6 +342,8 @@ def compile_adapter(
     base_model_id: str | None = None,
     sequential: bool = True,
     merge_dir: str | Path | None = None,
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
@@ -331,7 +357,9 @@ def compile_adapter(
     calibrated again on ``texts``. Fit errors are measured on ``heldout`` with the
     compiled deltas of all layers applied, as the served model sees them. ``resid_pre`` (an
     embedding LoRA) is exact: nothing is calibrated or fitted. ``merge_dir``: also write the
-    base model with the adapter merged into its weights there.
+    base model with the adapter merged into its weights there. ``device``/``model_dtype``: where
+    and in what precision a model named by ``model`` is loaded; the report's ``memory`` has the
+    peak memory of the compile.
     """
     check_writable(out_dir, force)
     if merge_dir is not None:
@@ -344,7 +372,37 @@ def compile_adapter(
     check_direction_method(direction)
     steering = _select(vector, layers, site)
     prof.check_site(steering.site)
-    loaded = _model(model)
+    resolve_device(device)  # a bad or absent device fails before the model loads
+    loaded = _model(model, device, model_dtype)
+    with peak_memory(loaded.device) as peak:
+        return _compile(
+            loaded, steering, out_dir, prof, peak, coef=coef, direction=direction, ridge=ridge, texts=texts,
+            heldout=heldout, self_generated=self_generated, seed=seed, force=force, calibration=calibration,
+            dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir,
+        )  # fmt: skip
+
+
+def _compile(
+    loaded: LoadedModel,
+    steering: SteeringVector,
+    out_dir: str | Path,
+    prof: TargetProfile,
+    peak: PeakMemory,
+    *,
+    coef: float,
+    direction: str,
+    ridge: float | None,
+    texts: TextsArg,
+    heldout: TextsArg,
+    self_generated: int,
+    seed: int,
+    force: bool,
+    calibration: Calibration | None,
+    dtype: str | None,
+    base_model_id: str | None,
+    sequential: bool,
+    merge_dir: str | Path | None,
+) -> CompileResult:
     warnings = []
     if base_model_id is None and loaded.is_local:
         warnings.append(
@@ -381,6 +439,7 @@ def compile_adapter(
             directions = {k: fit(k, calibration.moments[k]) for k in keys}
         with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in keys}):
             projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
+    directions = {k: d.cpu() for k, d in directions.items()}  # fitted where the moments were; emitted on the CPU
     steered, layer_reports = [], []
     for key in keys:
         vec = vectors[key]
@@ -421,6 +480,9 @@ def compile_adapter(
         "vector_metadata": steering.metadata,
         "rank": config["r"],
         "target_modules": targets,
+        "model_dtype": str(loaded.dtype).removeprefix("torch."),
+        # Up to here (the merged copy, if any, comes after): the compile's own peak.
+        "memory": peak.read().to_dict(),
     }
     # The adapter and the merged model are committed together: an interrupted merge leaves neither.
     with atomic_outputs([out_dir] + ([merge_dir] if merge_dir is not None else []), force, directory=True) as temps:
@@ -430,15 +492,24 @@ def compile_adapter(
     return CompileResult(Path(out_dir), report, Path(merge_dir) if merge_dir is not None else None)
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, model: ModelArg = None, *, force: bool = False) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    model: ModelArg = None,
+    *,
+    force: bool = False,
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
+) -> Path:
     """Write the base model with the adapter merged into its weights (``save_pretrained`` layout).
 
-    For self-hosting without LoRA. The merge is done in float64; tied embeddings are untied
+    For self-hosting without LoRA. The merge is done in float64 and rounded once to the model's
+    dtype (``model_dtype``, so a bfloat16 load writes bfloat16 weights); tied embeddings are untied
     where an embedding LoRA is merged, so the output head is not steered.
     """
     check_writable(out_dir, force)
     deltas = adapter_deltas(adapter_dir)  # read first: a bad adapter is refused before loading the model
-    return write_merged(_model(model), deltas, out_dir, force)
+    return write_merged(_model(model, device, model_dtype), deltas, out_dir, force)
 
 
 def check_adapter(path: str | Path, target: str | None = None, model: ModelArg = None) -> dict[str, list[str]]:
@@ -472,6 +543,8 @@ def verify_adapter(
     generations: int = 3,
     max_new_tokens: int = 32,
     dtype: str = "float32",
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
 ) -> VerifyReport:
     """Compare the adapter (loaded with PEFT) with true addition on held-out prompts.
 
@@ -479,7 +552,9 @@ def verify_adapter(
     ``dtype`` (float32, bfloat16, float16): the base model, the adapter and the reference all
     run in it, as a server runs them (a cast copy of the model; the model passed in is kept).
     Below float32, both are also compared with true addition in float32, which separates
-    the adapter's error from the dtype's own rounding (``kl_excess_ratio``).
+    the adapter's error from the dtype's own rounding (``kl_excess_ratio``). ``device``/``model_dtype``:
+    where and in what precision a model named by ``model`` is loaded (the float32 copy is then a cast
+    of those weights).
     """
     served = torch_dtype(dtype)
     adapter_dir = Path(adapter_dir)
@@ -492,8 +567,9 @@ def verify_adapter(
             steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
         )
         coef = report["coef"] if coef is None else coef
-    float32_model = _model(model).in_dtype(torch.float32)
-    loaded = float32_model.in_dtype(served)
+    base = _model(model, device, model_dtype)
+    float32_model = base.in_dtype(torch.float32)
+    loaded = base if base.dtype == served else float32_model.in_dtype(served)
     steering.validate(loaded)
     samples = corpus.load_texts(prompts, corpus.default_heldout())
     chats = [s for s in samples if s.is_chat][:generations]

@@ -37,6 +37,28 @@ class _StopForward(Exception):
     """Raised after the deepest layer needed, so the rest of the model never runs."""
 
 
+def _batch_gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` of one batch on a GPU, in float32.
+
+    Not float64: consumer GPUs run it at 1/32–1/64 of float32. float32 loses nothing that
+    matters: bfloat16 or float16 activations (8 or 11 significant bits) multiply exactly in
+    float32 (24 bits), so only the sum over one batch's ≤ 4096 tokens rounds, and batches add
+    in float64. Such activations go to the tensor cores as they are, with float32 accumulation
+    (``mm(out_dtype=float32)``): on an H100, for a 3239 × 14336 ``down_proj`` batch, 1.85 ms
+    against 25.7 ms for a float32 product, with relative error 5.5e-6 against float64 (float32:
+    5.6e-7), far below the activations' own rounding (2⁻⁹; scripts/measure_gpu.py). Float32
+    activations take a float32 product; TF32 (inputs rounded to 10 bits) is off for it unless
+    the user turned it on (``torch.backends.cuda.matmul``).
+    """
+    if x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8: no out_dtype
+            pass
+    x = x.to(torch.float32)
+    return x.T @ x
+
+
 @dataclass
 class Moments:
     """Sufficient statistics of one site's writer inputs for the ridge fit."""
@@ -50,12 +72,12 @@ class Moments:
     fold: Moments | None = None
 
     @classmethod
-    def zeros(cls, dim: int) -> Moments:
+    def zeros(cls, dim: int, device: torch.device | str = "cpu") -> Moments:
         return cls(
-            gram=torch.zeros(dim, dim, dtype=torch.float64),
-            total=torch.zeros(dim, dtype=torch.float64),
+            gram=torch.zeros(dim, dim, dtype=torch.float64, device=device),
+            total=torch.zeros(dim, dtype=torch.float64, device=device),
             count=0,
-            pinned=torch.zeros(0, dim, dtype=torch.float64),
+            pinned=torch.zeros(0, dim, dtype=torch.float64, device=device),
         )
 
     @property
@@ -63,10 +85,30 @@ class Moments:
         return self.total.numel()
 
     def add_(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
-        self.gram.addmm_(x.T, x)
-        self.total += x.sum(0)
+        """Add a batch of inputs ``x`` [n, d], accumulated on ``x``'s device.
+
+        On the CPU the batch product is float64, as the sums are (float64 costs the CPU only
+        2× float32, and keeps the numbers the suite's bounds were measured with). On a GPU it
+        is a float32 product, added per batch into the float64 accumulator (``_batch_gram``).
+        """
+        if x.device.type == "cpu":
+            x = x.to(torch.float64)
+            self.gram.addmm_(x.T, x)
+        else:
+            self.gram += _batch_gram(x)  # float32 added into float64 in place: no float64 copy
+        self.total += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
+
+    def to(self, device: torch.device | str) -> Moments:
+        """These moments (and their fold) on ``device``."""
+        fold = self.fold.to(device) if self.fold is not None else None
+        return Moments(self.gram.to(device), self.total.to(device), self.count, self.pinned.to(device), fold)
+
+    def add_moments_(self, other: Moments) -> None:
+        """In place ``self += other`` (gram, total, count): no third d×d matrix at the peak."""
+        self.gram += other.gram
+        self.total += other.total
+        self.count += other.count
 
     def __add__(self, other: Moments) -> Moments:
         pinned = self.pinned if self.pinned.numel() else other.pinned
@@ -86,6 +128,11 @@ class Calibration:
     tokens: int = 0
     domains: dict[str, int] = field(default_factory=dict)  # tokens per domain
     fixed_prefix: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> Calibration:
+        """These moments on ``device`` (e.g. finished moments moved off the GPU)."""
+        moments = {k: m.to(device) for k, m in self.moments.items()}
+        return Calibration(self.model_id, moments, self.tokens, dict(self.domains), list(self.fixed_prefix))
 
     def __add__(self, other: Calibration) -> Calibration:
         domains = dict(self.domains)
@@ -165,7 +212,7 @@ def stream_writer_inputs(
     description: str = "running model",
     batch_tokens: int = BATCH_TOKENS,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[SiteKey, torch.Tensor]]]:
-    """Per batch: (sample indices, mask [B, T], inputs per site [B, T, d_site])."""
+    """Per batch: (sample indices, mask [B, T] on the CPU, inputs per site [B, T, d_site] on the model's device)."""
     keys = sorted(set(keys))
     pad_id = loaded.tokenizer.pad_token_id
     batches = list(_batches(token_lists, pad_id, batch_tokens))
@@ -176,10 +223,13 @@ def stream_writer_inputs(
                 loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
             except _StopForward:
                 pass
-            inputs = {
-                (site, layer): torch.cat([captured[w].float().cpu() for w in loaded.arch.writers(site, layer)], dim=-1)
-                for site, layer in keys
-            }
+            # Left where the model ran and in its dtype: the moments accumulate there, and each
+            # consumer upcasts one site at a time (all sites of a group upcast at once would double
+            # the activations' memory).
+            inputs = {}
+            for site, layer in keys:
+                parts = [captured[w] for w in loaded.arch.writers(site, layer)]
+                inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             yield batch, mask.bool(), inputs
 
 
@@ -199,18 +249,21 @@ def calibrate(
     for _, layer in keys:
         loaded.check_layer(layer)
     token_lists = encode(loaded, samples)
-    even = {k: Moments.zeros(site_dim(loaded, k)) for k in keys}
-    odd = {k: Moments.zeros(site_dim(loaded, k)) for k in keys}
+    device = loaded.device
+    # Two d×d float64 matrices per site (all tokens, and the odd fold): scan.site_moments_bytes.
+    moments = {k: Moments.zeros(site_dim(loaded, k), device) for k in keys}
+    odd = {k: Moments.zeros(site_dim(loaded, k), device) for k in keys}
     domains: dict[str, int] = {}
     for batch, mask, inputs in stream_writer_inputs(loaded, keys, token_lists, "calibrating", batch_tokens):
         is_odd = torch.tensor([i % 2 == 1 for i in batch])[:, None]
+        even_mask, odd_mask = (mask & ~is_odd).to(device), (mask & is_odd).to(device)
         for key, x in inputs.items():
-            even[key].add_(x[mask & ~is_odd])
-            odd[key].add_(x[mask & is_odd])
+            moments[key].add_(x[even_mask])
+            odd[key].add_(x[odd_mask])
         for i in batch:
             domains[samples[i].domain] = domains.get(samples[i].domain, 0) + len(token_lists[i])
-    moments = {k: even[k] + odd[k] for k in keys}
     for k in keys:
+        moments[k].add_moments_(odd[k])  # the even part becomes the whole, in place
         moments[k].fold = odd[k]
     prefix = loaded.fixed_prefix()
     if prefix:
@@ -314,7 +367,8 @@ def project_inputs(
         for row, i in enumerate(batch):
             domains += [samples[i].domain] * int(mask[row].sum())
         for key, x in inputs.items():
-            parts[key].append(x[mask].to(torch.float64) @ directions[key].to(torch.float64).T)
+            b = directions[key].to(x.device, torch.float64)
+            parts[key].append((x[mask.to(x.device)].to(torch.float64) @ b.T).cpu())
     position = torch.cat(positions)
     return {k: Projections(torch.cat(parts[k]), position, domains) for k in keys}
 

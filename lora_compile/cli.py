@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import api, progress
+from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, MODEL_DTYPES
 from .errors import LoraCompileError
 from .fit import DIRECTION_METHODS
 from .outputs import install_signal_handlers
@@ -48,6 +49,13 @@ SelfGenOpt = Annotated[
     int, typer.Option("--self-generate", help="Add N chats sampled from the model itself to calibration.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where the model runs: auto (CUDA if available), cpu, cuda or cuda:N.")
+]
+ModelDtypeOpt = Annotated[
+    str,
+    typer.Option("--model-dtype", help=f"dtype the model is loaded in: {', '.join(MODEL_DTYPES)} (default: float32)."),
+]
 MergeOpt = Annotated[
     Path | None,
     typer.Option("--merge", help="Also write the base model with the adapter merged in (for serving without LoRA)."),
@@ -205,6 +213,16 @@ def scan(
         float | None, typer.Option(help="Ridge λ relative to trace(G)/d (default: cross-validated per site).")
     ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for scan.json and scan.png.")] = Path("."),
+    group_layers: Annotated[
+        int | None,
+        typer.Option(
+            "--group-layers",
+            help="Calibrate this many layers at a time, to bound the moments' memory "
+            "(default: as many as fit in the device's free memory).",
+        ),
+    ] = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
 ) -> None:
     """Map the constant directions of every layer and site: fit error of ridge vs one-axis directions."""
@@ -223,8 +241,12 @@ def scan(
             out_json=output / "scan.json",
             out_png=output / "scan.png",
             force=force,
+            device=device,
+            model_dtype=model_dtype,
+            group_layers=group_layers,
         )
         print_scan(result)
+        print_memory(result["memory"])
         out.print(f"wrote {output / 'scan.json'} and {output / 'scan.png'}")
 
     _run(body)
@@ -269,6 +291,8 @@ def compile_cmd(
         ),
     ] = False,
     merge: MergeOpt = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
@@ -293,8 +317,11 @@ def compile_cmd(
             base_model_id=base_model_id,
             sequential=not independent,
             merge_dir=merge,
+            device=device,
+            model_dtype=model_dtype,
         )
         print_compile(result.report)
+        print_memory(result.report["memory"])
         for warning in result.report["warnings"]:
             Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
         out.print(f"wrote adapter to {result.adapter_dir} (target {target}, rank {result.report['rank']})")
@@ -302,6 +329,17 @@ def compile_cmd(
             out.print(f"wrote merged model to {result.merged_dir}")
 
     _run(body)
+
+
+def print_memory(memory: dict) -> None:
+    line = f"{memory['device']}: peak memory {memory['peak_gib']:.2f} GiB ({memory['measure']})"
+    if "layer_groups" in memory:
+        held, every = memory["moments_bytes_largest_group"] / 2**30, memory["moments_bytes_all_layers"] / 2**30
+        line += (
+            f"; moments {held:.2f} GiB held at once ({len(memory['layer_groups'])} group(s) of layers; "
+            f"all layers at once: {every:.2f} GiB)"
+        )
+    out.print(line)
 
 
 def print_compile(report: dict) -> None:
@@ -344,6 +382,8 @@ def verify(
             "float16. Repeatable, to see them side by side (default: float32)."
         ),
     ] = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
 ) -> None:
     """Check the PEFT-loaded adapter against true activation addition on held-out prompts."""
@@ -354,11 +394,19 @@ def verify(
         dtypes = list(dict.fromkeys(dtype or ["float32"]))
         for name in dtypes:
             torch_dtype(name)
-        loaded = api.load_model(model) if len(dtypes) > 1 else model
+        loaded = api.load_model(model, model_dtype, device) if len(dtypes) > 1 else model
         reports = []
         for name in dtypes:
             report = api.verify_adapter(
-                adapter, vector, loaded, prompts=prompts, coef=coef, generations=generations, dtype=name
+                adapter,
+                vector,
+                loaded,
+                prompts=prompts,
+                coef=coef,
+                generations=generations,
+                dtype=name,
+                device=device,
+                model_dtype=model_dtype,
             )
             print_verify(report)
             reports.append(report)
@@ -421,12 +469,15 @@ def merge(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the merged model.")],
     model: ModelOpt = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
 ) -> None:
     """Write the base model with an adapter merged into its weights, for serving without LoRA."""
 
     def body():
-        out.print(f"wrote merged model to {api.merge_adapter(adapter, output, model, force=force)}")
+        merged = api.merge_adapter(adapter, output, model, force=force, device=device, model_dtype=model_dtype)
+        out.print(f"wrote merged model to {merged}")
 
     _run(body)
 
@@ -488,6 +539,8 @@ def extract(
         str, typer.Option(help="Token to read: last, mean (over the text) or answer (chat answer token).")
     ] = "last",
     model: ModelOpt = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
 ) -> None:
     """Extract a steering vector from contrast pairs at resid_post; prints how well each layer separates them."""
@@ -503,6 +556,8 @@ def extract(
             position=position,
             positive=positive,
             negative=negative,
+            device=device,
+            model_dtype=model_dtype,
         )
         out.print(separability_table(vec))
         out.print(f"wrote {output}")
@@ -553,6 +608,8 @@ def sweep(
         Path | None, typer.Option("--json", help="Write the numbers here (default: the plot's path with .json).")
     ] = None,
     model: ModelOpt = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
 ) -> None:
     """Behaviour score and KL to unsteered against the coefficient, with true addition (compiles nothing)."""
@@ -569,6 +626,8 @@ def sweep(
             out_png=output,
             out_json=json_out or output.with_suffix(".json"),
             force=force,
+            device=device,
+            model_dtype=model_dtype,
         )
         print_sweep(result)
         out.print(f"wrote {output} and {json_out or output.with_suffix('.json')}")

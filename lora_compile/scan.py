@@ -12,13 +12,90 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import Calibration, SiteKey, project_inputs
+from .calibrate import Calibration, SiteKey, calibrate, project_inputs, site_dim
 from .corpus import Sample
+from .devices import device_memory_bytes
 from .errors import LoraCompileError
 from .fit import choose_ridge, fit_axis, fit_errors, fit_ridge, outlier_dimensions
 from .models import LoadedModel
 
 RECOMMEND = 3
+
+
+# Of the memory free on the model's device after loading, the share a scan's moments may take; the
+# rest is for the batch's activations and the fits' temporaries (3 d×d matrices, see plan_layer_groups).
+MOMENTS_MEMORY_SHARE = 0.85
+
+
+def site_moments_bytes(loaded: LoadedModel, key: SiteKey) -> int:
+    """Bytes of one site's moments: two d×d float64 Grams (all tokens, and the cross-validation fold)."""
+    d = site_dim(loaded, key)
+    return 2 * 8 * (d * d + d)
+
+
+def plan_layer_groups(
+    loaded: LoadedModel, keys: list[SiteKey], group_layers: int | None = None, free_bytes: int | None = None
+) -> list[list[int]]:
+    """Consecutive layers calibrated together, so a scan never holds every layer's moments at once.
+
+    ``group_layers``: that many layers per group. Otherwise as many layers per group as fit in
+    ``MOMENTS_MEMORY_SHARE`` of the device's free memory (``free_bytes``, measured when None) less
+    what fitting the largest site needs (its Gram's ``G − fold``, ``G + λI`` and Cholesky factor).
+    Each group costs a forward pass over the calibration text up to its deepest layer.
+    """
+    layers = sorted({layer for _, layer in keys})
+    if group_layers is not None:
+        return [layers[i : i + group_layers] for i in range(0, len(layers), group_layers)]
+    per_layer = {layer: sum(site_moments_bytes(loaded, k) for k in keys if k[1] == layer) for layer in layers}
+    largest_gram = max(site_moments_bytes(loaded, k) for k in keys) // 2
+    free = device_memory_bytes(loaded.device) if free_bytes is None else free_bytes
+    budget = MOMENTS_MEMORY_SHARE * free - 3 * largest_gram
+    groups: list[list[int]] = [[]]
+    used = 0
+    for layer in layers:
+        if groups[-1] and used + per_layer[layer] > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(layer)
+        used += per_layer[layer]
+    return groups
+
+
+def memory_plan(loaded: LoadedModel, keys: list[SiteKey], groups: list[list[int]]) -> dict:
+    """What a scan's moments cost: all layers at once against the largest group actually held."""
+    by_layer = {layer: sum(site_moments_bytes(loaded, k) for k in keys if k[1] == layer) for _, layer in keys}
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    return {
+        "layer_groups": groups,
+        "model_weights_bytes": weights,
+        "moments_bytes_all_layers": sum(by_layer.values()),
+        "moments_bytes_largest_group": max(sum(by_layer.get(layer, 0) for layer in g) for g in groups),
+    }
+
+
+def scan_in_groups(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    heldout: list[Sample],
+    keys: list[SiteKey],
+    groups: list[list[int]],
+    ridge: float | None = None,
+) -> tuple[dict, Calibration | None]:
+    """Calibrate, fit and measure one group of layers at a time; each group's moments are dropped after it.
+
+    Returns the scan result and, for a single group, its calibration moved to the CPU (for
+    ``compile``); several groups keep no moments (None), since keeping them is what the groups avoid.
+    """
+    rows: list[dict] = []
+    for group in groups:
+        calibration = calibrate(loaded, samples, [k for k in keys if k[1] in group])
+        rows += site_rows(loaded, calibration, heldout, ridge)
+        if len(groups) == 1:
+            calibration = calibration.to("cpu")
+        else:  # drop this group's moments before the next group's are allocated
+            calibration.moments.clear()
+    result = scan_result(loaded, rows, calibration, heldout, ridge)
+    return result, calibration if len(groups) == 1 else None
 
 
 def scan_sites(
@@ -28,6 +105,16 @@ def scan_sites(
     ridge: float | None = None,
 ) -> dict:
     """Fit both direction methods at every calibrated site and measure them on ``heldout``."""
+    return scan_result(loaded, site_rows(loaded, calibration, heldout, ridge), calibration, heldout, ridge)
+
+
+def site_rows(
+    loaded: LoadedModel,
+    calibration: Calibration,
+    heldout: list[Sample],
+    ridge: float | None = None,
+) -> list[dict]:
+    """One scan row per calibrated site: both directions' held-out fit errors."""
     keys = sorted(calibration.moments)
     moments = calibration.moments
     lambdas = {k: ridge if ridge is not None else choose_ridge(moments[k]) for k in keys}
@@ -49,6 +136,13 @@ def scan_sites(
                 "outlier_dims": outlier_dimensions(calibration.moments[(site, layer)]),
             }
         )
+    return rows
+
+
+def scan_result(
+    loaded: LoadedModel, rows: list[dict], calibration: Calibration, heldout: list[Sample], ridge: float | None
+) -> dict:
+    rows = sorted(rows, key=lambda r: (r["site"], r["layer"]))
     return {
         "model": loaded.model_id,
         "ridge": "cross-validated" if ridge is None else ridge,

@@ -201,6 +201,7 @@ def verify(
     kl_floor, token_prompt = [], []
     with torch.no_grad():
         for batch, ids, mask in track(batches, "reference runs"):
+            ids, mask = ids.to(loaded.device), mask.to(loaded.device)
             plain = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             with true_addition(loaded, vector, coef):
                 steered = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -208,31 +209,32 @@ def verify(
             if float32_model is not None:
                 with true_addition(float32_model, vector, coef):
                     exact = float32_model.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                kl_floor.append(_kl(exact, steered)[mask.bool()])
-                token_prompt.append(torch.tensor(batch)[:, None].expand_as(mask)[mask.bool()])
+                kl_floor.append(_kl(exact, steered)[mask.bool()].cpu())
+                token_prompt.append(torch.tensor(batch)[:, None].expand_as(mask)[mask.bool().cpu()])
             reference.append((plain, steered, exact))
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
     kl_c, kl_u, kl_c32, top1, rel, rel_first, domains = [], [], [], [], [], [], []
     gens: list[dict] = []
     with peft_adapter(loaded, adapter_dir) as peft_model, torch.no_grad():
         for (batch, ids, mask), (plain, steered, exact) in zip(track(batches, "adapter runs"), reference):
+            ids, mask = ids.to(loaded.device), mask.to(loaded.device)
             with _lora_deltas(peft_model, writers) as deltas:
                 compiled = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             m = mask.bool()
             if exact is not None:
-                kl_c32.append(_kl(exact, compiled)[m])
-            kl_c.append(_kl(steered, compiled)[m])
-            kl_u.append(_kl(steered, plain)[m])
-            top1.append((steered.argmax(-1) == compiled.argmax(-1))[m])
+                kl_c32.append(_kl(exact, compiled)[m].cpu())
+            kl_c.append(_kl(steered, compiled)[m].cpu())
+            kl_u.append(_kl(steered, plain)[m].cpu())
+            top1.append((steered.argmax(-1) == compiled.argmax(-1))[m].cpu())
             for row, i in enumerate(batch):
                 domains += [prompts[i].domain] * int(m[row].sum())
-            position = torch.arange(m.shape[1]).expand_as(m)
+            position = torch.arange(m.shape[1], device=m.device).expand_as(m)
             for layer in vector.layers:
-                target = (coef * vector.directions[layer]).to(torch.float64)
+                target = (coef * vector.directions[layer]).to(loaded.device, torch.float64)
                 added = sum(deltas[w].double() for w in loaded.arch.writers(vector.site, layer))
                 err = (added - target).norm(dim=-1) / target.norm()
-                rel.append(err[m & (position > 0)])
-                rel_first.append(err[m & (position == 0)])
+                rel.append(err[m & (position > 0)].cpu())
+                rel_first.append(err[m & (position == 0)].cpu())
         for sample in track(generation_prompts or [], "greedy generations"):
             ids = sample.token_ids(loaded.tokenizer, VERIFY_MAX_TOKENS, add_generation_prompt=True)
             compiled_gen = _greedy(peft_model, loaded, ids, max_new_tokens)

@@ -11,15 +11,15 @@ import torch
 from lora_compile import corpus
 from lora_compile.calibrate import calibrate
 from lora_compile.extract import extract, read_pairs
-from lora_compile.models import LoadedModel, load_model
+from lora_compile.models import EMBEDDED_CONFIG, LoadedModel, embedded_model_path, load_model
 from lora_compile.scan import site_keys
 
 
 @pytest.fixture(scope="session")
 def smol() -> LoadedModel:
-    """The embedded SmolLM2-135M-Instruct, fp32 on CPU."""
+    """The embedded SmolLM2-135M-Instruct, fp32 on CPU (also where CUDA is available: the bounds are CPU-measured)."""
     torch.manual_seed(0)
-    return load_model()
+    return load_model(device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,29 @@ def heldout_subset():
     return out
 
 
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded model's tokenizer, for the tiny random models.
+
+    ``LORA_COMPILE_TEST_TOKENIZER`` may name a saved copy (``save_pretrained``): then the tiny-model
+    tests run where the embedded GGUF is not installed, e.g. on a GPU machine (scripts/measure_gpu.py).
+    """
+    from transformers import AutoTokenizer
+
+    saved = os.environ.get("LORA_COMPILE_TEST_TOKENIZER")
+    if saved:
+        tok = AutoTokenizer.from_pretrained(saved)
+    else:
+        path = embedded_model_path()
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+SMOL_VOCAB = json.loads(EMBEDDED_CONFIG.read_text())["vocab_size"]
+
+
 def _save_tiny(path, config, smol_tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -56,61 +79,61 @@ def _save_tiny(path, config, smol_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smol) -> str:
+def tiny_dir(tmp_path_factory, smol_tokenizer) -> str:
     """A tiny random Llama (4 layers, d=64) saved as a Hugging Face directory."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=smol.model.config.vocab_size,
+        vocab_size=SMOL_VOCAB,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        pad_token_id=smol.tokenizer.pad_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
     )
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, smol.tokenizer)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, smol_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir) -> LoadedModel:
-    return load_model(tiny_dir)
+    return load_model(tiny_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
-def tiny_tied_dir(tmp_path_factory, smol) -> str:
+def tiny_tied_dir(tmp_path_factory, smol_tokenizer) -> str:
     """A tiny random Llama whose output head shares the input embedding's weight, like SmolLM2."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=smol.model.config.vocab_size,
+        vocab_size=SMOL_VOCAB,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=1024,
-        pad_token_id=smol.tokenizer.pad_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    return _save_tiny(tmp_path_factory.mktemp("tiny-tied-llama"), config, smol.tokenizer)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-tied-llama"), config, smol_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_tied(tiny_tied_dir) -> LoadedModel:
-    loaded = load_model(tiny_tied_dir)
+    loaded = load_model(tiny_tied_dir, device="cpu")
     assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight
     return loaded
 
 
 @pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory, smol) -> str:
+def gpt2_dir(tmp_path_factory, smol_tokenizer) -> str:
     """A tiny GPT-2: an architecture this release does not support."""
     from transformers import GPT2Config
 
-    config = GPT2Config(vocab_size=smol.model.config.vocab_size, n_embd=32, n_layer=2, n_head=2)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, smol.tokenizer)
+    config = GPT2Config(vocab_size=SMOL_VOCAB, n_embd=32, n_layer=2, n_head=2)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, smol_tokenizer)
 
 
 class Bounds:
