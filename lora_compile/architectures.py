@@ -32,12 +32,17 @@ class SiteSpec:
     ``b = 1`` (all ones over the vocabulary) gives ``b·x = 1`` for every token: the
     compiled delta is exact and nothing is fitted (an embedding LoRA, DESIGN §3).
     ``layers``: the only layers the site exists at (None: every layer).
+    ``attention``, ``values``: for a site written by attention, the attention module and
+    its value projection, the other route in (a LoRA on ``values`` reaches the site
+    averaged over tokens by the attention weights; ``fit.value_route``).
     """
 
     writers: tuple[str, ...]
     hook: str
     embedding: bool = False
     layers: tuple[int, ...] | None = None
+    attention: str | None = None
+    values: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Architecture:
     layers: str  # dotted path of the ModuleList of decoder layers
     num_layers_key: str
     hidden_size_key: str
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
 
     def site(self, site: str) -> SiteSpec:
@@ -69,6 +76,13 @@ class Architecture:
     def writers(self, site: str, layer: int) -> tuple[str, ...]:
         return tuple(w.format(L=layer) for w in self.site_at(site, layer).writers)
 
+    def attention_route(self, site: str, layer: int) -> tuple[str, str]:
+        """(attention module, its value projection) through which ``site`` can also be written."""
+        spec = self.site_at(site, layer)
+        if spec.attention is None or spec.values is None:
+            raise LoraCompileError(f"site {site!r} of {self.name} is not written by attention: no value route")
+        return spec.attention.format(L=layer), spec.values.format(L=layer)
+
     def hook_module(self, site: str, layer: int) -> str:
         return self.site_at(site, layer).hook.format(L=layer)
 
@@ -85,6 +99,8 @@ _LLAMA_SITES = {
     "resid_mid": SiteSpec(
         writers=("model.layers.{L}.self_attn.o_proj",),
         hook="model.layers.{L}.self_attn.o_proj",
+        attention="model.layers.{L}.self_attn",
+        values="model.layers.{L}.self_attn.v_proj",
     ),
     "resid_pre": SiteSpec(writers=("model.embed_tokens",), hook="model.embed_tokens", embedding=True, layers=(0,)),
 }

@@ -424,3 +424,53 @@ def self_generate(
     finally:
         tok.padding_side = side
     return out
+
+
+@contextmanager
+def _eager_attention(loaded: LoadedModel):
+    """Attention weights exist only in the eager kernel (fused kernels never materialise them)."""
+    config = loaded.model.config
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def stream_attention_averaged(
+    loaded: LoadedModel,
+    site: str,
+    layer: int,
+    token_lists: list[list[int]],
+    description: str = "running model",
+    batch_tokens: int = BATCH_TOKENS,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch: (sample indices, mask [B, T], z [B, T, H, d], writer inputs [B, T, d_w]), attention-written site.
+
+    ``z[b, i, h] = Σ_j α^h_ij x_j``: the value projection's inputs ``x_j`` averaged by head h's
+    attention weights from token i. A LoRA ``B·(a·x)`` on the value projection changes head h's
+    output at token i by exactly ``(a·z^h_i)·B^g(h)`` (``fit.value_route``).
+    """
+    attention, values = loaded.arch.attention_route(site, layer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_inputs(_module, args):
+        seen["x"] = args[0].detach()
+
+    def keep_weights(_module, _args, output):
+        seen["alpha"] = output[1].detach()
+
+    handles = [
+        loaded.module(values).register_forward_pre_hook(keep_inputs),
+        loaded.module(attention).register_forward_hook(keep_weights),
+    ]
+    try:
+        with _eager_attention(loaded):
+            batches = stream_writer_inputs(loaded, [(site, layer)], token_lists, description, batch_tokens)
+            for batch, mask, inputs in batches:
+                z = torch.einsum("bhij,bjd->bihd", seen["alpha"], seen["x"]).to(torch.float64).cpu()
+                yield batch, mask, z, inputs[(site, layer)]
+    finally:
+        for h in handles:
+            h.remove()

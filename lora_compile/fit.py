@@ -161,3 +161,58 @@ def fit_errors(projections: Projections, column: int = 0) -> dict[str, FitError]
         sel = labels == k
         out[d] = fit_error(values[sel], projections.position[sel])
     return out
+
+
+@dataclass
+class ValueRoute:
+    """A vector split between the value projection (through attention) and the writer.
+
+    ``values_b``: the value-projection LoRA's B (KV heads × head size), the least-norm
+    ``B`` with ``W_o R B`` closest to the vector (R repeats each KV head for its query
+    heads); ``per_head[:, h] = W_o^h B^g(h)``, what head h adds to the site per unit of
+    ``a·z^h`` (their sum is ``W_o R B``); ``rest``: the part no value-projection LoRA can
+    reach (orthogonal to the span of ``W_o R``), left to the writer's own LoRA.
+    """
+
+    values_b: torch.Tensor  # [kv · head_dim] float64
+    per_head: torch.Tensor  # [d, H] float64
+    rest: torch.Tensor  # [d] float64
+
+    @property
+    def reached(self) -> float:
+        """Fraction of the vector's squared norm the value route can carry."""
+        reach = self.per_head.sum(1)
+        return float(reach @ reach / (reach @ reach + self.rest @ self.rest))
+
+
+def value_route(writer_weight: torch.Tensor, attention_shape: tuple[int, int, int], vector: torch.Tensor) -> ValueRoute:
+    """Split ``vector`` for a site written by ``writer_weight`` ([d, H·head_dim], e.g. ``o_proj``)."""
+    heads, kv, head_dim = attention_shape
+    w = writer_weight.to(torch.float64)
+    group = heads // kv
+    per_head_w = w.reshape(w.shape[0], heads, head_dim)
+    reach_map = per_head_w.reshape(w.shape[0], kv, group, head_dim).sum(2).reshape(w.shape[0], kv * head_dim)
+    v = vector.to(torch.float64)
+    b = torch.linalg.lstsq(reach_map, v[:, None], driver="gelsd").solution[:, 0]
+    b_heads = b.reshape(kv, head_dim).repeat_interleave(group, 0)  # [H, head_dim]
+    per_head = torch.einsum("dhk,hk->dh", per_head_w, b_heads)
+    return ValueRoute(values_b=b, per_head=per_head, rest=v - per_head.sum(1))
+
+
+def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute) -> None:
+    """Accumulate ``Σ_i ‖C (Z_i a − 1)‖²`` as ridge moments in ``a`` (C = ``route.per_head``).
+
+    With ``K = CᵀC = RᵀR`` each token gives H rows ``y = R Z_i`` with targets ``t = R·1``:
+    ``gram += Σ yyᵀ``, ``total += Σ y t``, ``count += Σ t²`` (for the plain fit every target
+    is 1), so ``squared_error`` and the ridge solve apply unchanged. Scaled by ``1/‖v‖²``,
+    the error is the relative error of the added vector's reachable part.
+    """
+    k = route.per_head.T @ route.per_head
+    evals, evecs = torch.linalg.eigh(k)
+    root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = K
+    target = root.sum(1)
+    y = torch.einsum("kh,nhd->nkd", root, z.to(torch.float64)).reshape(-1, z.shape[-1])
+    t = target.repeat(z.shape[0])
+    moments.gram.addmm_(y.T, y)
+    moments.total += y.T @ t
+    moments.count += float(t @ t)

@@ -44,6 +44,15 @@ class LoadedModel:
         return int(getattr(self.model.config, self.arch.hidden_size_key))
 
     @property
+    def attention_shape(self) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head size); heads ``h`` share KV head ``h // (heads // kv)``."""
+        config = self.model.config
+        heads = int(getattr(config, self.arch.heads_key))
+        kv = int(getattr(config, self.arch.kv_heads_key, None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // heads)
+        return heads, kv, head_dim
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

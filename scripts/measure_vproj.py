@@ -1,0 +1,90 @@
+"""The value route into resid_mid (a rank-1 LoRA on ``v_proj``) against the writer route (``o_proj``).
+
+A LoRA ``B·(a·x)`` on ``v_proj`` changes head h's output at token i by ``(a·z^h_i)·B^g(h)``,
+``z^h_i = Σ_j α^h_ij x_j`` (attention weights sum to 1), and ``o_proj`` maps that into the
+stream: what reaches ``resid_mid`` is ``Σ_h (a·z^h_i) c_h`` (``fit.value_route``). Only the part
+of the vector in the span of ``o_proj`` over the repeated KV heads is reachable; the rest
+would still go through ``o_proj``. ``a`` is a ridge fit of ``Σ_i ‖C (Z_i a − 1)‖²`` on the shipped
+calibration text (λ by two-fold cross-validation), for the vector it carries.
+
+Per layer, the held-out relative error ``‖Δ_i − v‖/‖v‖`` (RMS over the shipped held-out tokens)
+of: the o_proj route alone (today's compile); the value route on the part it reaches; both
+(the value route for its part, o_proj for the rest), for the happy/sad vector at that layer.
+
+    python scripts/measure_vproj.py [--layers 4,10,18] [--coef 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lora_compile import api
+from lora_compile.calibrate import Moments, encode, stream_attention_averaged
+from lora_compile.corpus import default_calibration, default_heldout, demo_pairs_path
+from lora_compile.fit import add_value_route_moments, fit_ridge, value_route
+from lora_compile.models import load_model
+
+SITE = "resid_mid"
+
+
+def measure_layer(loaded, layer: int, vector: torch.Tensor, calibration, heldout) -> dict:
+    writer = loaded.arch.writers(SITE, layer)[0]
+    route = value_route(loaded.module(writer).weight, loaded.attention_shape, vector)
+    d = loaded.hidden_size
+    folds = [Moments.zeros(d), Moments.zeros(d)]
+    plain = [Moments.zeros(loaded.module(writer).in_features) for _ in range(2)]
+    for batch, mask, z, u in stream_attention_averaged(loaded, SITE, layer, calibration, f"layer {layer}"):
+        for row, i in enumerate(batch):
+            add_value_route_moments(folds[i % 2], z[row][mask[row]], route)
+            plain[i % 2].add_(u[row][mask[row]])
+    value_moments, writer_moments = folds[0] + folds[1], plain[0] + plain[1]
+    value_moments.fold, writer_moments.fold = folds[1], plain[1]
+    a = fit_ridge(value_moments, pin=False)
+    b = fit_ridge(writer_moments, pin=False)
+    v = vector.to(torch.float64)
+    reach = route.per_head.sum(1)
+    sums = {"writer": 0.0, "value": 0.0, "both": 0.0}
+    count = 0
+    for _, mask, z, u in stream_attention_averaged(loaded, SITE, layer, heldout, f"layer {layer} held-out"):
+        value_error = (z[mask] @ a - 1) @ route.per_head.T  # [N, d]
+        writer_error = (u[mask].to(torch.float64) @ b - 1)[:, None]  # [N, 1], per unit of vector
+        sums["writer"] += float(writer_error.pow(2).sum()) * float(v @ v)
+        sums["value"] += float(value_error.pow(2).sum())
+        sums["both"] += float((value_error + writer_error * route.rest).pow(2).sum())
+        count += int(mask.sum())
+    return {
+        "layer": layer,
+        "writer": (sums["writer"] / count / float(v @ v)) ** 0.5,
+        "reached": route.reached,
+        "value": (sums["value"] / count / float(reach @ reach)) ** 0.5,
+        "both": (sums["both"] / count / float(v @ v)) ** 0.5,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", default="2,6,10,14,18,22,26,29")
+    parser.add_argument("--coef", type=float, default=4.0)
+    args = parser.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
+    loaded = load_model()
+    vector = api.extract_vector(demo_pairs_path(), layers, loaded)
+    calibration = encode(loaded, default_calibration())
+    heldout = encode(loaded, default_heldout())
+    print("| layer | o_proj alone | value route reaches (of ‖v‖²) | value route on its part | both | time |")
+    print("|---|---|---|---|---|---|")
+    for layer in layers:
+        start = time.time()
+        r = measure_layer(loaded, layer, args.coef * vector.directions[layer], calibration, heldout)
+        print(
+            f"| {layer} | {r['writer']:.4f} | {r['reached']:.0%} | {r['value']:.4f} | {r['both']:.4f} |"
+            f" {time.time() - start:.0f} s |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
