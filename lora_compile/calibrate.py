@@ -469,7 +469,10 @@ def stream_attention_averaged(
         with _eager_attention(loaded):
             batches = stream_writer_inputs(loaded, [(site, layer)], token_lists, description, batch_tokens)
             for batch, mask, inputs in batches:
-                z = torch.einsum("bhij,bjd->bihd", seen["alpha"], seen["x"]).to(torch.float64).cpu()
+                # float32 at least (bfloat16 weights would round the average); [B, T, H, d] is H times
+                # one layer's activations, so the route costs memory where it is measured.
+                alpha, x = seen["alpha"].float(), seen["x"].float()
+                z = torch.einsum("bhij,bjd->bihd", alpha, x).to(torch.float64).cpu()
                 yield batch, mask, z, inputs[(site, layer)]
     finally:
         for h in handles:

@@ -11,13 +11,20 @@ Per layer, the held-out relative error ``‖Δ_i − v‖/‖v‖`` (RMS over th
 of: the o_proj route alone (today's compile); the value route on the part it reaches; both
 (the value route for its part, o_proj for the rest), for the happy/sad vector at that layer.
 
-    python scripts/measure_vproj.py [--layers 4,10,18] [--coef 4]
+With ``--verify``, both adapters are also judged as ``verify`` judges any adapter (PEFT-loaded,
+against true addition, on the held-out set): today's compiled ``o_proj`` adapter, and one with
+the value-route LoRA on ``v_proj`` plus the rest on ``o_proj``.
+
+    python scripts/measure_vproj.py [--layers 4,10,18] [--coef 4] [--verify]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +33,7 @@ from lora_compile.calibrate import Moments, encode, stream_attention_averaged
 from lora_compile.corpus import default_calibration, default_heldout, demo_pairs_path
 from lora_compile.fit import add_value_route_moments, fit_ridge, value_route
 from lora_compile.models import load_model
+from lora_compile.vectors import SteeringVector
 
 SITE = "resid_mid"
 
@@ -56,6 +64,9 @@ def measure_layer(loaded, layer: int, vector: torch.Tensor, calibration, heldout
         sums["both"] += float((value_error + writer_error * route.rest).pow(2).sum())
         count += int(mask.sum())
     return {
+        "a": a,
+        "b": b,
+        "route": route,
         "layer": layer,
         "writer": (sums["writer"] / count / float(v @ v)) ** 0.5,
         "reached": route.reached,
@@ -64,23 +75,55 @@ def measure_layer(loaded, layer: int, vector: torch.Tensor, calibration, heldout
     }
 
 
+def verify_routes(loaded, layer: int, direction: torch.Tensor, coef: float, fitted: dict) -> tuple[float, float]:
+    """KL ratios (o_proj adapter as compiled today, value route + o_proj) on the shipped held-out set."""
+    from peft import LoraConfig, get_peft_model
+
+    at_site = SteeringVector({layer: direction}, SITE)
+    _, values = loaded.arch.attention_route(SITE, layer)
+    writer = loaded.arch.writers(SITE, layer)[0]
+    route = fitted["route"]
+    with tempfile.TemporaryDirectory() as tmp:
+        today = api.compile_adapter(at_site, Path(tmp) / "writer", loaded, coef=coef, target="peft")
+        writer_kl = api.verify_adapter(today.adapter_dir, at_site, loaded, coef=coef, generations=0).kl_ratio
+        model = get_peft_model(
+            copy.deepcopy(loaded.model), LoraConfig(r=1, lora_alpha=1, target_modules=[values, writer])
+        )
+        for name, a, b in ((values, fitted["a"], route.values_b), (writer, fitted["b"], route.rest)):
+            lora = model.base_model.model.get_submodule(name)
+            lora.lora_A["default"].weight.data = a[None].float()
+            lora.lora_B["default"].weight.data = b[:, None].float()
+        model.save_pretrained(Path(tmp) / "both")
+        both_kl = api.verify_adapter(Path(tmp) / "both", at_site, loaded, coef=coef, generations=0).kl_ratio
+    return writer_kl, both_kl
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", default="2,6,10,14,18,22,26,29")
     parser.add_argument("--coef", type=float, default=4.0)
+    parser.add_argument("--verify", action="store_true", help="also measure both adapters' KL ratios with PEFT")
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     loaded = load_model()
     vector = api.extract_vector(demo_pairs_path(), layers, loaded)
     calibration = encode(loaded, default_calibration())
     heldout = encode(loaded, default_heldout())
-    print("| layer | o_proj alone | value route reaches (of ‖v‖²) | value route on its part | both | time |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| layer | o_proj alone | value route reaches (of ‖v‖²) | value route on its part | both |"
+        + (" KL ratio, o_proj | KL ratio, both |" if args.verify else "")
+        + " time |"
+    )
+    print("|---|---|---|---|---|" + ("---|---|" if args.verify else "") + "---|")
     for layer in layers:
         start = time.time()
         r = measure_layer(loaded, layer, args.coef * vector.directions[layer], calibration, heldout)
+        kls = ""
+        if args.verify:
+            writer_kl, both_kl = verify_routes(loaded, layer, vector.directions[layer], args.coef, r)
+            kls = f" {writer_kl:.2g} | {both_kl:.2g} |"
         print(
-            f"| {layer} | {r['writer']:.4f} | {r['reached']:.0%} | {r['value']:.4f} | {r['both']:.4f} |"
+            f"| {layer} | {r['writer']:.4f} | {r['reached']:.0%} | {r['value']:.4f} | {r['both']:.4f} |{kls}"
             f" {time.time() - start:.0f} s |",
             flush=True,
         )
