@@ -9,6 +9,7 @@ each bound beside the range of its value across the variants, and each variant's
 
     python scripts/measure_kernels.py                       # default, avx2, avx512 × 1, 2 threads
     python scripts/measure_kernels.py --variants avx2:2 default:1 --out bounds.md
+    python scripts/measure_kernels.py --all                 # the whole suite, not only `numeric`
 """
 
 from __future__ import annotations
@@ -25,19 +26,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_variant(capability: str, threads: str, record: Path) -> tuple[str, float]:
+def run_variant(capability: str, threads: str, record: Path, everything: bool, log: Path | None) -> tuple[str, float]:
+    record.unlink(missing_ok=True)  # a rerun of a variant replaces its record
     env = {**os.environ, "LORA_COMPILE_BOUNDS": str(record), "OMP_NUM_THREADS": threads}
     if capability:
         env["ATEN_CPU_CAPABILITY"] = capability
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "numeric", "-p", "no:cacheprovider"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "--durations=10",
+            *([] if everything else ["-m", "numeric"]),
+            "-p",
+            "no:cacheprovider",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         check=False,
     )
+    if log:
+        log.write_text(proc.stdout + proc.stderr)
     summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line), "no summary")
     return summary.strip("= "), time.time() - start
 
@@ -50,25 +63,35 @@ def main() -> None:
         default=[f"{c}:{t}" for c in ("default", "avx2", "avx512") for t in (1, 2)],
         help="CAPABILITY:THREADS (an empty capability keeps the machine's own choice)",
     )
+    parser.add_argument("--all", action="store_true", help="run the whole suite in each variant")
+    parser.add_argument("--logs", type=Path, help="keep each variant's pytest output in this directory")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     values: dict[tuple[str, str], dict] = {}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        # With --logs the records stay beside the logs, and the table counts every variant recorded there.
+        records = args.logs or Path(tmp)
         for variant in args.variants:
             capability, threads = variant.split(":")
-            record = Path(tmp) / f"{capability or 'own'}-{threads}.jsonl"
-            summary, seconds = run_variant(capability, threads, record)
+            log = args.logs / f"{capability or 'own'}-{threads}.log" if args.logs else None
+            summary, seconds = run_variant(
+                capability, threads, records / f"{capability or 'own'}-{threads}.jsonl", args.all, log
+            )
             runs.append(f"| {capability or 'own'} | {threads} | {summary} | {seconds:.0f} s |")
             print(runs[-1], flush=True)
-            for line in record.read_text().splitlines() if record.exists() else []:
+        for record in sorted(records.glob("*.jsonl")):
+            for line in record.read_text().splitlines():
                 r = json.loads(line)
                 entry = values.setdefault((r["test"], r["name"]), {"limit": r["limit"], "kind": r["kind"], "seen": []})
                 entry["seen"].append(r["value"])
+        recorded = [r.stem.replace("-", ":") for r in sorted(records.glob("*.jsonl"))]
     lines = [
-        f"Variants: {', '.join(args.variants)} (ATEN_CPU_CAPABILITY:threads).",
+        f"Variants recorded: {', '.join(recorded)} (ATEN_CPU_CAPABILITY:threads).",
         "",
-        "| variant | threads | numeric tests | time |",
+        f"| variant | threads | {'all' if args.all else 'numeric'} tests | time |",
         "|---|---|---|---|",
         *runs,
         "",
