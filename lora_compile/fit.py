@@ -177,6 +177,15 @@ class ValueRoute:
     values_b: torch.Tensor  # [kv · head_dim] float64
     per_head: torch.Tensor  # [d, H] float64
     rest: torch.Tensor  # [d] float64
+    head_values: torch.Tensor  # [H, head_dim] float64: values_b as each query head sees it
+
+    def writer_input_shift(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """What the value LoRA ``B·(a·x)`` adds to the writer's input, [N, H·head_dim] for ``z`` [N, H, d].
+
+        A LoRA on the writer as well sees its input shifted by this: its direction must be
+        fitted on the shifted inputs, or ``b·Δu`` adds a spurious multiple of its vector.
+        """
+        return ((z.to(torch.float64) @ a)[:, :, None] * self.head_values[None]).reshape(z.shape[0], -1)
 
     @property
     def reached(self) -> float:
@@ -196,7 +205,7 @@ def value_route(writer_weight: torch.Tensor, attention_shape: tuple[int, int, in
     b = torch.linalg.lstsq(reach_map, v[:, None], driver="gelsd").solution[:, 0]
     b_heads = b.reshape(kv, head_dim).repeat_interleave(group, 0)  # [H, head_dim]
     per_head = torch.einsum("dhk,hk->dh", per_head_w, b_heads)
-    return ValueRoute(values_b=b, per_head=per_head, rest=v - per_head.sum(1))
+    return ValueRoute(values_b=b, per_head=per_head, rest=v - per_head.sum(1), head_values=b_heads)
 
 
 def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute) -> None:

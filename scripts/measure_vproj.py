@@ -41,31 +41,43 @@ SITE = "resid_mid"
 def measure_layer(loaded, layer: int, vector: torch.Tensor, calibration, heldout) -> dict:
     writer = loaded.arch.writers(SITE, layer)[0]
     route = value_route(loaded.module(writer).weight, loaded.attention_shape, vector)
-    d = loaded.hidden_size
-    folds = [Moments.zeros(d), Moments.zeros(d)]
-    plain = [Moments.zeros(loaded.module(writer).in_features) for _ in range(2)]
+    d, d_writer = loaded.hidden_size, loaded.module(writer).in_features
+
+    def fitted(parts: list[Moments]) -> torch.Tensor:
+        whole = parts[0] + parts[1]
+        whole.fold = parts[1]  # two folds: λ by cross-validation, as compile chooses it
+        return fit_ridge(whole, pin=False)
+
+    value_parts = [Moments.zeros(d), Moments.zeros(d)]
+    plain_parts = [Moments.zeros(d_writer), Moments.zeros(d_writer)]
     for batch, mask, z, u in stream_attention_averaged(loaded, SITE, layer, calibration, f"layer {layer}"):
         for row, i in enumerate(batch):
-            add_value_route_moments(folds[i % 2], z[row][mask[row]], route)
-            plain[i % 2].add_(u[row][mask[row]])
-    value_moments, writer_moments = folds[0] + folds[1], plain[0] + plain[1]
-    value_moments.fold, writer_moments.fold = folds[1], plain[1]
-    a = fit_ridge(value_moments, pin=False)
-    b = fit_ridge(writer_moments, pin=False)
+            add_value_route_moments(value_parts[i % 2], z[row][mask[row]], route)
+            plain_parts[i % 2].add_(u[row][mask[row]])
+    a, b = fitted(value_parts), fitted(plain_parts)
+    # With both LoRAs, o_proj's LoRA sees its input shifted by the value LoRA: fit it there.
+    shifted_parts = [Moments.zeros(d_writer), Moments.zeros(d_writer)]
+    for batch, mask, z, u in stream_attention_averaged(loaded, SITE, layer, calibration, f"layer {layer}, shifted"):
+        for row, i in enumerate(batch):
+            zr = z[row][mask[row]]
+            shifted_parts[i % 2].add_(u[row][mask[row]].to(torch.float64) + route.writer_input_shift(zr, a))
+    b_both = fitted(shifted_parts)
     v = vector.to(torch.float64)
     reach = route.per_head.sum(1)
     sums = {"writer": 0.0, "value": 0.0, "both": 0.0}
     count = 0
     for _, mask, z, u in stream_attention_averaged(loaded, SITE, layer, heldout, f"layer {layer} held-out"):
-        value_error = (z[mask] @ a - 1) @ route.per_head.T  # [N, d]
-        writer_error = (u[mask].to(torch.float64) @ b - 1)[:, None]  # [N, 1], per unit of vector
+        zt, ut = z[mask], u[mask].to(torch.float64)
+        value_error = (zt @ a - 1) @ route.per_head.T  # [N, d]
+        writer_error = (ut @ b - 1)[:, None]  # [N, 1], per unit of vector
+        shifted_error = ((ut + route.writer_input_shift(zt, a)) @ b_both - 1)[:, None]
         sums["writer"] += float(writer_error.pow(2).sum()) * float(v @ v)
         sums["value"] += float(value_error.pow(2).sum())
-        sums["both"] += float((value_error + writer_error * route.rest).pow(2).sum())
+        sums["both"] += float((value_error + shifted_error * route.rest).pow(2).sum())
         count += int(mask.sum())
     return {
         "a": a,
-        "b": b,
+        "b_both": b_both,
         "route": route,
         "layer": layer,
         "writer": (sums["writer"] / count / float(v @ v)) ** 0.5,
@@ -89,7 +101,7 @@ def verify_routes(loaded, layer: int, direction: torch.Tensor, coef: float, fitt
         model = get_peft_model(
             copy.deepcopy(loaded.model), LoraConfig(r=1, lora_alpha=1, target_modules=[values, writer])
         )
-        for name, a, b in ((values, fitted["a"], route.values_b), (writer, fitted["b"], route.rest)):
+        for name, a, b in ((values, fitted["a"], route.values_b), (writer, fitted["b_both"], route.rest)):
             lora = model.base_model.model.get_submodule(name)
             lora.lora_A["default"].weight.data = a[None].float()
             lora.lora_B["default"].weight.data = b[:, None].float()

@@ -13,17 +13,17 @@ LAYER = 1
 TEXTS = ["The fox ran over the hill and far away.", "Numbers: 3, 1, 4, 1, 5, 9, 2, 6."]
 
 
-def _site_outputs(model, module: str, token_lists) -> list[torch.Tensor]:
-    """What ``module`` adds to the residual stream, one sample at a time."""
-    outs = []
-    handle = model.get_submodule(module).register_forward_hook(lambda _m, _a, out: outs.append(out[0].detach()))
+def _writer_io(model, module: str, token_lists) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``module``'s (input, output), one sample at a time: its output is what it adds to the stream."""
+    seen = []
+    hook = model.get_submodule(module).register_forward_hook(lambda _m, a, out: seen.append((a[0][0], out[0])))
     try:
         with torch.no_grad():
             for tokens in token_lists:
                 model(input_ids=torch.tensor([tokens]), use_cache=False)
     finally:
-        handle.remove()
-    return outs
+        hook.remove()
+    return seen
 
 
 def test_a_value_lora_adds_the_attention_averaged_projection_exactly(tiny):
@@ -48,15 +48,18 @@ def test_a_value_lora_adds_the_attention_averaged_projection_exactly(tiny):
 
     samples = [Sample("test", text=t) for t in TEXTS]
     token_lists = encode(loaded, samples)
-    base = _site_outputs(loaded.model, writer, token_lists)
-    lora_out = _site_outputs(steered.base_model.model, writer, token_lists)
+    base = _writer_io(loaded.model, writer, token_lists)
+    lora = _writer_io(steered.base_model.model, writer, token_lists)
     for batch, mask, z, _ in stream_attention_averaged(loaded, "resid_mid", LAYER, token_lists, batch_tokens=1):
         (i,) = batch
-        predicted = (z[0][mask[0]] @ a) @ route.per_head.T  # Σ_h (a·z^h_t) c_h, [T, d]
-        actual = lora_out[i] - base[i]
+        zt = z[0][mask[0]]
         # The eager kernel's softmax runs in float32 even in a float64 model: agreement to ~1e-7, not 1e-15.
-        error = float((actual - predicted).abs().max() / actual.abs().max())
-        assert error < 1e-6, (i, error)
+        for actual, predicted in (
+            (lora[i][1] - base[i][1], (zt @ a) @ route.per_head.T),  # the site: Σ_h (a·z^h_t) c_h
+            (lora[i][0] - base[i][0], route.writer_input_shift(zt, a)),  # the writer's input
+        ):
+            error = float((actual - predicted).abs().max() / actual.abs().max())
+            assert error < 1e-6, (i, error)
 
 
 def test_value_route_moments_give_the_exact_squared_error(tiny):
