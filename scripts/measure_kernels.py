@@ -64,6 +64,7 @@ def main() -> None:
         help="CAPABILITY:THREADS (an empty capability keeps the machine's own choice)",
     )
     parser.add_argument("--all", action="store_true", help="run the whole suite in each variant")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the records in --logs")
     parser.add_argument("--logs", type=Path, help="keep each variant's pytest output in this directory")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # With --logs the records stay beside the logs, and the table counts every variant recorded there.
         records = args.logs or Path(tmp)
-        for variant in args.variants:
+        for variant in [] if args.table_only else args.variants:
             capability, threads = variant.split(":")
             log = args.logs / f"{capability or 'own'}-{threads}.log" if args.logs else None
             summary, seconds = run_variant(
@@ -100,7 +101,8 @@ def main() -> None:
     ]
     for (test, name), e in sorted(values.items()):
         sign = "≤" if e["kind"] == "max" else "≥"
-        lines.append(f"| {test} | {name} | {sign} {e['limit']:.3g} | {min(e['seen']):.3g} … {max(e['seen']):.3g} |")
+        test, name = test.replace("|", "\\|"), name.replace("|", "\\|")  # Markdown cells
+        lines.append(f"| {test} | {name} | {sign} {e['limit']:.6g} | {min(e['seen']):.4g} … {max(e['seen']):.4g} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
