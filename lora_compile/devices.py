@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import LoraCompileError
+from .targets import DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPES = DTYPES  # the weights as loaded: the same names as a saved adapter's dtype
 DEFAULT_DEVICE = "auto"
 DEFAULT_MODEL_DTYPE = "float32"
 
