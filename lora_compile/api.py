@@ -20,14 +20,14 @@ from .calibrate import (
     project_inputs,
     self_generate,
 )
-from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, PeakMemory, peak_memory, resolve_device
+from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, PeakMemory, peak_memory
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
 from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors
 from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
-from .outputs import atomic_file, atomic_outputs, check_writable
+from .outputs import atomic_outputs, check_writable
 from .scan import memory_plan, plan_layer_groups, plot_scan, scan_in_groups, scan_sites, site_keys
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
 from .targets import DEFAULT_TARGET, PROFILES, TargetProfile, lint, meta_model, profile, read_adapter, torch_dtype
@@ -75,8 +75,7 @@ def _json_text(data: dict) -> str:
 
 
 def write_json(path: str | Path, data: dict, force: bool) -> None:
-    with atomic_file(path, force) as tmp:
-        tmp.write_text(_json_text(data))
+    write_outputs({path: lambda tmp: tmp.write_text(_json_text(data))}, force)
 
 
 def write_outputs(writers: dict[str | Path | None, Callable[[Path], object]], force: bool) -> None:
@@ -118,7 +117,6 @@ def scan(
             check_writable(path, force)
     if group_layers is not None and group_layers < 1:
         raise LoraCompileError(f"--group-layers {group_layers}: give a positive number of layers per group")
-    resolve_device(device)  # a bad or absent device fails before the model loads
     loaded = _model(model, device, model_dtype)
     keys = site_keys(loaded, sites, layers)
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
@@ -372,7 +370,6 @@ def compile_adapter(
     check_direction_method(direction)
     steering = _select(vector, layers, site)
     prof.check_site(steering.site)
-    resolve_device(device)  # a bad or absent device fails before the model loads
     loaded = _model(model, device, model_dtype)
     with peak_memory(loaded.device) as peak:
         return _compile(

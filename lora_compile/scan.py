@@ -33,6 +33,14 @@ def site_moments_bytes(loaded: LoadedModel, key: SiteKey) -> int:
     return 2 * 8 * (d * d + d)
 
 
+def moments_bytes_by_layer(loaded: LoadedModel, keys: list[SiteKey]) -> dict[int, int]:
+    """Bytes of each layer's moments (all its sites in ``keys``)."""
+    by_layer: dict[int, int] = {}
+    for key in keys:
+        by_layer[key[1]] = by_layer.get(key[1], 0) + site_moments_bytes(loaded, key)
+    return by_layer
+
+
 def plan_layer_groups(
     loaded: LoadedModel, keys: list[SiteKey], group_layers: int | None = None, free_bytes: int | None = None
 ) -> list[list[int]]:
@@ -46,7 +54,7 @@ def plan_layer_groups(
     layers = sorted({layer for _, layer in keys})
     if group_layers is not None:
         return [layers[i : i + group_layers] for i in range(0, len(layers), group_layers)]
-    per_layer = {layer: sum(site_moments_bytes(loaded, k) for k in keys if k[1] == layer) for layer in layers}
+    per_layer = moments_bytes_by_layer(loaded, keys)
     largest_gram = max(site_moments_bytes(loaded, k) for k in keys) // 2
     free = device_memory_bytes(loaded.device) if free_bytes is None else free_bytes
     budget = MOMENTS_MEMORY_SHARE * free - 3 * largest_gram
@@ -63,7 +71,7 @@ def plan_layer_groups(
 
 def memory_plan(loaded: LoadedModel, keys: list[SiteKey], groups: list[list[int]]) -> dict:
     """What a scan's moments cost: all layers at once against the largest group actually held."""
-    by_layer = {layer: sum(site_moments_bytes(loaded, k) for k in keys if k[1] == layer) for _, layer in keys}
+    by_layer = moments_bytes_by_layer(loaded, keys)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     return {
         "layer_groups": groups,
