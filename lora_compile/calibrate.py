@@ -17,7 +17,7 @@ quantisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -152,7 +152,7 @@ def encode(loaded: LoadedModel, samples: list[Sample], max_tokens: int = MAX_SAM
     return [s.token_ids(loaded.tokenizer, max_tokens) for s in samples]
 
 
-def _batches(
+def padded_batches(
     token_lists: list[list[int]], pad_id: int, batch_tokens: int
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Right-padded batches of similar lengths; yields (sample indices, ids, mask)."""
@@ -179,14 +179,21 @@ def _pad(batch: list[int], token_lists: list[list[int]], pad_id: int):
 
 
 @contextmanager
-def _capture_writer_inputs(loaded: LoadedModel, keys: list[SiteKey]):
-    """Hooks that record each site's writer inputs and stop after the deepest layer."""
+def _capturing(loaded: LoadedModel, inputs_of: list[str], outputs_of: list[str], deepest: int):
+    """Hooks that record the inputs of ``inputs_of`` and the outputs of ``outputs_of`` (modules),
+    and stop the forward after decoder layer ``deepest``."""
     captured: dict[str, torch.Tensor] = {}
     handles = []
 
-    def save(name: str) -> Callable:
+    def save_input(name: str) -> Callable:
         def hook(_module, args):
             captured[name] = args[0].detach()
+
+        return hook
+
+    def save_output(name: str) -> Callable:
+        def hook(_module, _args, output):
+            captured[name] = (output[0] if isinstance(output, tuple) else output).detach()
 
         return hook
 
@@ -194,15 +201,39 @@ def _capture_writer_inputs(loaded: LoadedModel, keys: list[SiteKey]):
         raise _StopForward
 
     try:
-        for site, layer in keys:
-            for writer in loaded.arch.writers(site, layer):
-                handles.append(loaded.module(writer).register_forward_pre_hook(save(writer)))
-        deepest = max(layer for _, layer in keys)
+        handles += [loaded.module(m).register_forward_pre_hook(save_input(m)) for m in inputs_of]
+        handles += [loaded.module(m).register_forward_hook(save_output(m)) for m in outputs_of]
         handles.append(loaded.module(loaded.arch.layer_module(deepest)).register_forward_hook(stop))
         yield captured
     finally:
         for h in handles:
             h.remove()
+
+
+def stream_captured(
+    loaded: LoadedModel,
+    token_lists: list[list[int]],
+    deepest: int,
+    inputs_of: Sequence[str] = (),
+    outputs_of: Sequence[str] = (),
+    description: str = "running model",
+    batch_tokens: int = BATCH_TOKENS,
+) -> Iterator[tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]]:
+    """The model over right-padded ``batches`` of ``token_lists``, stopped after layer ``deepest``.
+
+    Per batch: (sample indices, mask [B, T] on the CPU, {module: its input or output}) on the
+    model's device, in its dtype. Right padding never changes the activations of the text
+    before it under causal attention.
+    """
+    pad_id = loaded.tokenizer.pad_token_id
+    with _capturing(loaded, list(inputs_of), list(outputs_of), deepest) as captured, torch.no_grad():
+        for batch, ids, mask in track(list(padded_batches(token_lists, pad_id, batch_tokens)), description):
+            captured.clear()
+            try:
+                loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+            except _StopForward:
+                pass
+            yield batch, mask.bool(), captured
 
 
 def stream_writer_inputs(
@@ -214,23 +245,17 @@ def stream_writer_inputs(
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[SiteKey, torch.Tensor]]]:
     """Per batch: (sample indices, mask [B, T] on the CPU, inputs per site [B, T, d_site] on the model's device)."""
     keys = sorted(set(keys))
-    pad_id = loaded.tokenizer.pad_token_id
-    batches = list(_batches(token_lists, pad_id, batch_tokens))
-    with _capture_writer_inputs(loaded, keys) as captured, torch.no_grad():
-        for batch, ids, mask in track(batches, description):
-            captured.clear()
-            try:
-                loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
-            except _StopForward:
-                pass
-            # Left where the model ran and in its dtype: the moments accumulate there, and each
-            # consumer upcasts one site at a time (all sites of a group upcast at once would double
-            # the activations' memory).
-            inputs = {}
-            for site, layer in keys:
-                parts = [captured[w] for w in loaded.arch.writers(site, layer)]
-                inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-            yield batch, mask.bool(), inputs
+    writers = [w for site, layer in keys for w in loaded.arch.writers(site, layer)]
+    deepest = max(layer for _, layer in keys)
+    for batch, mask, captured in stream_captured(loaded, token_lists, deepest, writers, (), description, batch_tokens):
+        # Left where the model ran and in its dtype: the moments accumulate there, and each
+        # consumer upcasts one site at a time (all sites of a group upcast at once would double
+        # the activations' memory).
+        inputs = {}
+        for site, layer in keys:
+            parts = [captured[w] for w in loaded.arch.writers(site, layer)]
+            inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        yield batch, mask, inputs
 
 
 def site_dim(loaded: LoadedModel, key: SiteKey) -> int:

@@ -11,23 +11,32 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from . import api, progress
 from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, MODEL_DTYPES
+from .display import (
+    check_table,
+    dtype_summary,
+    dtype_table,
+    out,
+    print_compile,
+    print_memory,
+    print_scan,
+    print_sweep,
+    print_verify,
+    separability_table,
+)
 from .errors import LoraCompileError
 from .fit import DIRECTION_METHODS
 from .outputs import install_signal_handlers
 from .targets import DEFAULT_TARGET, DTYPES, PROFILES, torch_dtype
-from .verify import DEFAULT_MAX_KL_RATIO, VerifyReport
+from .verify import DEFAULT_MAX_KL_RATIO
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Compile activation-steering vectors into rank-1 LoRA adapters that LoRA servers load.",
 )
-# Not a terminal (a log, CI): wide enough that the scan table keeps one row per site.
-out = Console(width=None if sys.stdout.isatty() else 130)
 
 ModelOpt = Annotated[
     str | None,
@@ -110,95 +119,6 @@ def _run(fn):
         signum = getattr(exc, "signum", signal.SIGINT)
         _error(f"interrupted by {signal.Signals(signum).name}: nothing was written")
         raise typer.Exit(128 + signum) from None
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def scan_table(result: dict, top: int = 3) -> Table:
-    table = Table(title=f"scan: held-out RMS of b·x − 1 ({result['model']})")
-    for col in (
-        "site",
-        "layer",
-        "ridge rms",
-        "ridge max",
-        "ridge first",
-        "axis rms",
-        "axis/ridge",
-        "worst domain",
-        "outlier dims (mean/std)",
-    ):
-        table.add_column(col, justify="right" if col not in ("site", "worst domain") else "left")
-    best = {(r["site"], r["layer"]) for r in result["recommended"]}
-    for r in sorted(result["sites"], key=lambda r: (r["site"], r["layer"])):
-        ridge, axis = r["ridge"]["all"], r["axis"]["all"]
-        domains = {d: v["rms"] for d, v in r["ridge"].items() if d != "all"}
-        worst = max(domains, key=domains.get)
-        dims = ", ".join(f"{d['dim']}:{d['mean_over_std']:.1f}" for d in r["outlier_dims"][:top])
-        style = "bold green" if (r["site"], r["layer"]) in best else None
-        table.add_row(
-            r["site"],
-            str(r["layer"]),
-            _fmt(ridge["rms"]),
-            _fmt(ridge["max"]),
-            _fmt(ridge["rms_first"]),
-            _fmt(axis["rms"]),
-            f"{axis['rms'] / ridge['rms']:.1f}",
-            f"{worst} {_fmt(domains[worst])}",
-            dims,
-            style=style,
-        )
-    return table
-
-
-def print_scan(result: dict) -> None:
-    out.print(scan_table(result))
-    ratios = ", ".join(f"{s} {v:.1f}×" for s, v in result["median_axis_over_ridge"].items())
-    out.print(f"median axis/ridge error: {ratios}")
-    recs = "; ".join(f"{r['site']} {r['layer']} (rms {_fmt(r['rms'])})" for r in result["recommended"])
-    out.print(f"[bold]recommended sites:[/bold] {recs}")
-
-
-def verify_table(report: VerifyReport) -> Table:
-    table = Table(title=f"verify: compiled adapter vs true activation addition ({report.dtype})")
-    for col in ("domain", "tokens", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree"):
-        table.add_column(col, justify="left" if col == "domain" else "right")
-    for d, v in report.per_domain.items():
-        table.add_row(
-            d,
-            str(v["tokens"]),
-            _fmt(v["kl_compiled"]),
-            _fmt(v["kl_unsteered"]),
-            _fmt(v["kl_ratio"]),
-            f"{v['top1_agreement']:.1%}",
-        )
-    table.add_row(
-        "[bold]all[/bold]",
-        str(report.tokens),
-        _fmt(report.kl_compiled),
-        _fmt(report.kl_unsteered),
-        f"[bold]{_fmt(report.kl_ratio)}[/bold]",
-        f"{report.top1_agreement:.1%}",
-    )
-    return table
-
-
-def print_verify(report: VerifyReport) -> None:
-    out.print(verify_table(report))
-    out.print(
-        f"added-vector relative error per token: rms {_fmt(report.delta_rel_error)} "
-        f"(first token {_fmt(report.delta_rel_error_first)})"
-    )
-    if report.kl_dtype_floor is not None:
-        out.print(
-            f"against true addition in float32: KL {_fmt(report.kl_compiled_vs_float32)} compiled in {report.dtype}, "
-            f"{_fmt(report.kl_dtype_floor)} true addition in {report.dtype} (the dtype's own floor); "
-            f"excess ratio {_fmt(report.kl_excess_ratio)} ± {_fmt(1.96 * report.kl_excess_ratio_se)} "
-            f"(95% interval, paired per token over {report.prompts} prompts)"
-        )
-    for g in report.generations:
-        out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")
 
 
 @app.command()
@@ -331,36 +251,6 @@ def compile_cmd(
     _run(body)
 
 
-def print_memory(memory: dict) -> None:
-    line = f"{memory['device']}: peak memory {memory['peak_gib']:.2f} GiB ({memory['measure']})"
-    if "layer_groups" in memory:
-        held, every = memory["moments_bytes_largest_group"] / 2**30, memory["moments_bytes_all_layers"] / 2**30
-        line += (
-            f"; moments {held:.2f} GiB held at once ({len(memory['layer_groups'])} group(s) of layers; "
-            f"all layers at once: {every:.2f} GiB)"
-        )
-    out.print(line)
-
-
-def print_compile(report: dict) -> None:
-    table = Table(title=f"compiled at {report['site']} ({report['direction']} direction)")
-    for col in ("layer", "writer", "predicted error (rms)", "max", "first token", "worst domain"):
-        table.add_column(col, justify="left" if col in ("writer", "worst domain") else "right")
-    for x in report["layers"]:
-        e = x["fit_error"]
-        domains = {d: v["rms"] for d, v in e.items() if d != "all"}
-        worst = max(domains, key=domains.get)
-        table.add_row(
-            str(x["layer"]),
-            ", ".join(x["writers"]),
-            "0 (exact)" if report.get("exact") else _fmt(e["all"]["rms"]),
-            _fmt(e["all"]["max"]),
-            _fmt(e["all"]["rms_first"]),
-            f"{worst} {_fmt(domains[worst])}",
-        )
-    out.print(table)
-
-
 @app.command()
 def verify(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Adapter directory.")],
@@ -428,42 +318,6 @@ def verify(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-def check_table(results: dict[str, list[str]], chosen: str) -> Table:
-    table = Table(title="check: will each serving target load this adapter as PEFT does?", show_lines=True)
-    for col in ("target", "verdict", "reasons"):
-        table.add_column(col, overflow="fold")
-    for name, problems in results.items():
-        verdict = "[green]pass[/green]" if not problems else "[red]fail[/red]"
-        label = f"[bold]{name}[/bold] (chosen)" if name == chosen else name
-        table.add_row(label, verdict, "\n".join(problems) or "-")
-    return table
-
-
-def dtype_summary(report: VerifyReport) -> dict:
-    keys = ("kl_compiled", "kl_unsteered", "kl_ratio", "top1_agreement", "delta_rel_error", "tokens")
-    floor = ("kl_dtype_floor", "kl_compiled_vs_float32", "kl_excess_ratio", "kl_excess_ratio_se")
-    return {k: getattr(report, k) for k in keys + floor}
-
-
-def dtype_table(reports: list[VerifyReport]) -> Table:
-    table = Table(title="verify by served dtype (both sides in that dtype)")
-    cols = ("dtype", "KL(true‖compiled)", "KL(true‖unsteered)", "ratio", "top-1 agree", "Δ rel error")
-    for col in cols + ("dtype floor", "excess ratio"):
-        table.add_column(col, justify="left" if col == "dtype" else "right")
-    for r in reports:
-        table.add_row(
-            r.dtype,
-            _fmt(r.kl_compiled),
-            _fmt(r.kl_unsteered),
-            _fmt(r.kl_ratio),
-            f"{r.top1_agreement:.1%}",
-            _fmt(r.delta_rel_error),
-            "-" if r.kl_dtype_floor is None else _fmt(r.kl_dtype_floor),
-            _fmt(r.kl_ratio if r.kl_excess_ratio is None else r.kl_excess_ratio),
-        )
-    return table
-
-
 @app.command()
 def merge(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Adapter directory.")],
@@ -508,17 +362,6 @@ def check(
     if results[target]:
         Console(stderr=True).print(f"[red]fail:[/red] {target} would not serve {adapter} as PEFT does")
         raise typer.Exit(EXIT_CHECK_FAILED)
-
-
-def separability_table(vector) -> Table:
-    m = vector.metadata
-    table = Table(title=f"separability of the {m.get('pairs')} pairs ({m.get('method')}, {m.get('position')} token)")
-    for col in ("layer", "‖direction‖", "gap / pooled std", "pairs ordered"):
-        table.add_column(col, justify="right")
-    for layer, sep in sorted(vector.separability.items()):
-        norm = float(vector.directions[layer].norm())
-        table.add_row(str(layer), _fmt(norm), f"{sep['gap_over_std']:.2f}", f"{sep['ordered']:.0%}")
-    return table
 
 
 @app.command()
@@ -570,21 +413,6 @@ def _coefs(spec: str) -> list[float]:
         return [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as exc:
         raise LoraCompileError(f"cannot read coefficients {spec!r}: use e.g. 0,1,2,4,8") from exc
-
-
-def print_sweep(result) -> None:
-    table = Table(title=f"sweep: true addition at {result.site} layer(s) {', '.join(map(str, result.layers))}")
-    for col in ("coef", "score (log-odds gap)", "pairs preferring positive", "KL to unsteered"):
-        table.add_column(col, justify="right")
-    for r in result.rows:
-        scored = r["score"] is not None
-        table.add_row(
-            f"{r['coef']:g}",
-            f"{r['score']:.3f}" if scored else "-",
-            f"{r['ordered']:.0%}" if scored else "-",
-            _fmt(r["kl"]),
-        )
-    out.print(table)
 
 
 @app.command()

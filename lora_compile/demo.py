@@ -10,6 +10,7 @@ from rich.table import Table
 
 from . import api
 from .corpus import demo_pairs_path
+from .display import print_compile, print_scan, print_verify
 from .models import load_model
 from .outputs import atomic_dir
 from .vectors import SteeringVector, save_vector
@@ -29,8 +30,6 @@ def run_demo(output: Path, coef: float, force: bool, console: Console) -> None:
 
         console.rule("3. scan: where are constant directions?")
         result, calibration = api.scan(loaded, out_json=tmp / "scan.json", out_png=tmp / "scan.png")
-        from .cli import print_compile, print_scan, print_verify
-
         print_scan(result)
         best = result["recommended"][0]
         site, layer = best["site"], best["layer"]

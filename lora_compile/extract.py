@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import BATCH_TOKENS, _batches, _StopForward
+from .calibrate import stream_captured
 from .corpus import read_jsonl, read_samples
 from .errors import LoraCompileError
 from .models import LoadedModel
-from .progress import stderr, track
+from .progress import stderr
 from .vectors import SteeringVector
 
 METHODS = ("mean_diff", "pca_diff", "pca_center")
@@ -183,39 +183,15 @@ def read_states(
     under causal attention) and the forward stops after the deepest layer.
     """
     states = {layer: torch.zeros(len(token_lists), loaded.hidden_size, dtype=torch.float64) for layer in layers}
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def capture(layer: int):
-        def hook(_module, _args, output):
-            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        return hook
-
-    def stop(_module, _args, _output):
-        raise _StopForward
-
-    try:
-        for layer in layers:
-            handles.append(loaded.module(loaded.arch.layer_module(layer)).register_forward_hook(capture(layer)))
-        handles.append(loaded.module(loaded.arch.layer_module(max(layers))).register_forward_hook(stop))
-        batches = list(_batches(token_lists, loaded.tokenizer.pad_token_id, BATCH_TOKENS))
-        device = loaded.device
-        with torch.no_grad():
-            for batch, ids, mask in track(batches, "reading activations"):
-                try:
-                    loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                for layer in layers:
-                    h = captured[layer].double().cpu()
-                    if pool == "mean":
-                        states[layer][batch] = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                    else:
-                        states[layer][batch] = h[torch.arange(len(batch)), mask.sum(1) - 1]
-    finally:
-        for h in handles:
-            h.remove()
+    blocks = {layer: loaded.arch.layer_module(layer) for layer in layers}
+    captures = stream_captured(loaded, token_lists, max(layers), (), list(blocks.values()), "reading activations")
+    for batch, mask, captured in captures:
+        for layer, block in blocks.items():
+            h = captured[block].double().cpu()
+            if pool == "mean":
+                states[layer][batch] = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            else:
+                states[layer][batch] = h[torch.arange(len(batch)), mask.sum(1) - 1]
     return states
 
 

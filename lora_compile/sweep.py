@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .calibrate import _batches, encode
+from .calibrate import encode, padded_batches
 from .corpus import Sample
 from .errors import LoraCompileError
 from .extract import ContrastPair
@@ -105,7 +105,7 @@ def sweep_coefficients(
     gaps = torch.zeros(len(coefs), len(pairs or []), dtype=torch.float64)
     kl_sum = torch.zeros(len(coefs), dtype=torch.float64)
     kl_tokens = 0
-    batches = list(_batches(sequences, loaded.tokenizer.pad_token_id, SWEEP_BATCH_TOKENS))
+    batches = list(padded_batches(sequences, loaded.tokenizer.pad_token_id, SWEEP_BATCH_TOKENS))
     with torch.no_grad():
         for batch, ids, mask in track(batches, "sweeping coefficients"):
             ids, mask = ids.to(loaded.device), mask.to(loaded.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .calibrate import _batches, encode
+from .calibrate import encode, padded_batches
 from .corpus import Sample
 from .models import LoadedModel
 from .progress import track
@@ -196,7 +196,7 @@ def verify(
     """
     token_lists = encode(loaded, prompts, VERIFY_MAX_TOKENS)
     pad = loaded.tokenizer.pad_token_id
-    batches = list(_batches(token_lists, pad, 2048))
+    batches = list(padded_batches(token_lists, pad, 2048))
     reference: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     kl_floor, token_prompt = [], []
     with torch.no_grad():
