@@ -272,6 +272,18 @@ class ExactMoments:
         self.count += x.shape[0]
         self.odd_count += x.shape[0] if odd else 0
 
+    def to(self, device: torch.device | str) -> ExactMoments:
+        return ExactMoments(
+            self.scale,
+            self.gram.to(device),
+            self.total.to(device),
+            self.count,
+            self.odd_gram.to(device),
+            self.odd_total.to(device),
+            self.odd_count,
+            self.pinned.to(device),
+        )
+
     def all_reduce_(self) -> None:
         """Sum over torchrun ranks (exact: integers)."""
         for t in (self.gram, self.total, self.odd_gram, self.odd_total):
