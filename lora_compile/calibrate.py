@@ -199,19 +199,24 @@ class FixedPointScale:
         ones = torch.ones(self.exponents.shape, dtype=torch.float64)
         return torch.ldexp(ones, 31 - self.exponents).to(device), 2.0 ** (31 - self.count_exponent)
 
-    def add_gram_(self, acc: torch.Tensor, gram: torch.Tensor) -> None:
-        """``acc += gram`` on the grid (``gram`` of any float dtype); refuses what leaves the range."""
-        steps, _ = self._steps(acc.device)
+    def add_gram_(self, accs: list[torch.Tensor], gram: torch.Tensor) -> None:
+        """``acc += gram`` on the grid for each of ``accs`` (``gram`` of any float dtype), rounded once."""
+        steps, _ = self._steps(accs[0].device)
         for r in range(0, gram.shape[0], ROW_CHUNK):
-            g = gram[r : r + ROW_CHUNK].to(torch.float64) * steps[r : r + ROW_CHUNK, None] * steps[None, :]
+            g = gram[r : r + ROW_CHUNK].to(torch.float64) * steps[r : r + ROW_CHUNK, None]
+            g *= steps[None, :]
             self._check(g)
-            acc[r : r + ROW_CHUNK] += g.round_().to(torch.int64)
+            ints = g.round_().to(torch.int64)
+            for acc in accs:
+                acc[r : r + ROW_CHUNK] += ints
 
-    def add_total_(self, acc: torch.Tensor, total: torch.Tensor) -> None:
-        steps, mu_step = self._steps(acc.device)
+    def add_total_(self, accs: list[torch.Tensor], total: torch.Tensor) -> None:
+        steps, mu_step = self._steps(accs[0].device)
         t = total.to(torch.float64) * steps * mu_step
         self._check(t)
-        acc += t.round_().to(torch.int64)
+        ints = t.round_().to(torch.int64)
+        for acc in accs:
+            acc += ints
 
     def gram(self, acc: torch.Tensor) -> torch.Tensor:
         """The float64 Gram of integer sums ``acc`` (one rounding, to float64's 53 bits)."""
@@ -266,9 +271,9 @@ class ExactMoments:
             return
         gram = x.to(torch.float64).T @ x.to(torch.float64) if x.device.type == "cpu" else _batch_gram(x)
         total = x.sum(0, dtype=torch.float64)
-        for g_acc, t_acc in ((self.gram, self.total),) + (((self.odd_gram, self.odd_total),) if odd else ()):
-            self.scale.add_gram_(g_acc, gram)
-            self.scale.add_total_(t_acc, total)
+        # Rounded onto the grid once, added to the whole and (odd samples) to the fold.
+        self.scale.add_gram_([self.gram, self.odd_gram] if odd else [self.gram], gram)
+        self.scale.add_total_([self.total, self.odd_total] if odd else [self.total], total)
         self.count += x.shape[0]
         self.odd_count += x.shape[0] if odd else 0
 
