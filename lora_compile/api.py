@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from . import corpus, formats
+from . import corpus, distributed, formats
 from .architectures import check_site_name
 from .calibrate import (
     Calibration,
     calibrate,
+    calibrate_exact,
     calibrate_sequential,
     compiled_deltas,
     exact_projections,
@@ -27,8 +28,18 @@ from .extract import ContrastPair, check_options, extract, read_contrast_texts, 
 from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors
 from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
+from .momentsfile import load_moments, model_fingerprint, read_header, save_moments
 from .outputs import atomic_outputs, check_writable
-from .scan import memory_plan, plan_layer_groups, plot_scan, scan_in_groups, scan_sites, site_keys
+from .scan import (
+    memory_plan,
+    plan_layer_groups,
+    plot_scan,
+    scan_in_groups,
+    scan_result,
+    scan_sites,
+    site_keys,
+    site_rows,
+)
 from .sweep import DEFAULT_COEFS, SweepResult, check_coefs, plot_sweep, sweep_coefficients
 from .targets import DEFAULT_TARGET, PROFILES, TargetProfile, lint, meta_model, profile, read_adapter, torch_dtype
 from .vectors import SteeringVector, load_vector, save_vector
@@ -38,6 +49,7 @@ ModelArg = LoadedModel | str | None
 # Text files (.txt/.jsonl) or samples; None means the shipped corpus.
 TextsArg = list[str | Path | corpus.Sample] | None
 VectorArg = SteeringVector | str | Path
+MomentsArg = list[str | Path] | None  # moments files (shards of one calibration)
 
 
 def _model(model: ModelArg, device: str = DEFAULT_DEVICE, model_dtype: str = DEFAULT_MODEL_DTYPE) -> LoadedModel:
@@ -68,6 +80,73 @@ def calibration_samples(
     """Calibration text: the shipped corpus (or user files) plus the model's own chats."""
     samples = corpus.load_texts(texts, corpus.default_calibration())
     return samples + self_generate(loaded, corpus.chat_prompts(samples), self_generated, seed=seed)
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'i/N' (0 ≤ i < N) → (i, N)."""
+    if spec is None or isinstance(spec, tuple):
+        return spec
+    i, _, n = spec.partition("/")
+    if not (i.isdigit() and n.isdigit()) or not 0 <= int(i) < int(n):
+        raise LoraCompileError(f"cannot read shard {spec!r}: use i/N with 0 ≤ i < N, e.g. 0/2")
+    return int(i), int(n)
+
+
+def calibrate_moments(
+    out: str | Path,
+    model: ModelArg = None,
+    *,
+    sites: list[str] | None = None,
+    layers: list[int] | None = None,
+    texts: TextsArg = None,
+    self_generated: int = 0,
+    seed: int = 0,
+    shard: str | tuple[int, int] | None = None,
+    force: bool = False,
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
+    group_layers: int | None = None,
+) -> dict:
+    """Calibrate once and write the moments to ``out`` (safetensors) for ``compile/scan --moments``.
+
+    All fitted sites and layers by default. ``shard`` ``i/N``: only the i-th of N shares of the
+    calibration batches; the N files together give the bits of one run. Under torchrun the ranks
+    split the batches and rank 0 writes. Returns the file's header.
+    """
+    check_writable(out, force)
+    part = parse_shard(shard)
+    if group_layers is not None and group_layers < 1:
+        raise LoraCompileError(f"--group-layers {group_layers}: give a positive number of layers per group")
+    loaded = _model(model, device, model_dtype)
+    keys = site_keys(loaded, sites, layers)
+    samples = calibration_samples(loaded, texts, self_generated, seed)
+    exact = None
+    with peak_memory(loaded.device) as peak:
+        # In groups of layers whose moments fit the device; each group's sums are kept on the CPU.
+        for group in plan_layer_groups(loaded, keys, group_layers):
+            part_sums = calibrate_exact(loaded, samples, [k for k in keys if k[1] in group], shard=part)
+            part_sums.moments = {k: m.to("cpu") for k, m in part_sums.moments.items()}
+            if exact is None:
+                exact = part_sums
+            else:
+                exact.moments.update(part_sums.moments)
+    fingerprint = model_fingerprint(loaded)
+    header: dict = {}
+    if distributed.is_main():
+        extra = {"shard": list(part) if part else None, "self_generated": self_generated, "memory": peak.to_dict()}
+        write_outputs({out: lambda tmp: header.update(save_moments(exact, loaded, tmp, extra, fingerprint))}, force)
+    return header
+
+
+def _file_calibration(moments: MomentsArg, loaded: LoadedModel, keys: list | None) -> tuple[Calibration, dict]:
+    """The float64 calibration of moments files at ``keys`` and a summary of the files for reports."""
+    exact, headers = load_moments(list(moments), loaded, keys)
+    summary = {
+        "moments_files": [str(p) for p in moments],
+        "corpus_hash": exact.corpus,
+        "moments_model_dtype": sorted({h["model_dtype"] for h in headers}),
+    }
+    return exact.to_calibration(), summary
 
 
 def _json_text(data: dict) -> str:
@@ -103,8 +182,12 @@ def scan(
     device: str = DEFAULT_DEVICE,
     model_dtype: str = DEFAULT_MODEL_DTYPE,
     group_layers: int | None = None,
+    moments: MomentsArg = None,
 ) -> tuple[dict, Calibration | None]:
     """Fit error of ridge and axis directions at every site; returns (result, calibration).
+
+    ``moments``: moments files (``calibrate_moments``) instead of calibrating; without ``sites``
+    and ``layers`` every site the files hold is scanned.
 
     The calibration (on the CPU) can be passed on to ``compile_adapter`` to skip recomputing it.
     Layers are calibrated in groups whose moments fit in memory (``group_layers`` per group, or
@@ -118,20 +201,35 @@ def scan(
     if group_layers is not None and group_layers < 1:
         raise LoraCompileError(f"--group-layers {group_layers}: give a positive number of layers per group")
     loaded = _model(model, device, model_dtype)
-    keys = site_keys(loaded, sites, layers)
+    if moments and sites is None and layers is None:
+        keys = [(k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])) for k in read_header(moments[0])["site_counts"]]
+        keys.sort()
+    else:
+        keys = site_keys(loaded, sites, layers)
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
     with peak_memory(loaded.device) as peak:
         if calibration is not None:
             result = scan_sites(loaded, calibration, heldout_samples, ridge)
             groups = [sorted({layer for _, layer in calibration.moments})]
+        elif moments:
+            groups = plan_layer_groups(loaded, keys, group_layers)
+            rows, summary = [], {}
+            for group in groups:  # one group's moments in memory at a time, as when calibrating
+                calibration, summary = _file_calibration(moments, loaded, [k for k in keys if k[1] in group])
+                rows += site_rows(loaded, calibration, heldout_samples, ridge)
+            result = scan_result(loaded, rows, calibration, heldout_samples, ridge)
+            result["calibration"].update(summary)
+            calibration = calibration.to("cpu") if len(groups) == 1 else None
         else:
             samples = calibration_samples(loaded, texts, self_generated, seed)
             groups = plan_layer_groups(loaded, keys, group_layers)
             result, calibration = scan_in_groups(loaded, samples, heldout_samples, keys, groups, ridge)
     result["memory"] = {**peak.to_dict(), **memory_plan(loaded, keys, groups)}
-    write_outputs(
-        {out_json: lambda tmp: tmp.write_text(_json_text(result)), out_png: lambda tmp: plot_scan(result, tmp)}, force
-    )
+    if distributed.is_main():  # under torchrun the other ranks only helped calibrate
+        write_outputs(
+            {out_json: lambda tmp: tmp.write_text(_json_text(result)), out_png: lambda tmp: plot_scan(result, tmp)},
+            force,
+        )
     return result, calibration
 
 
@@ -342,6 +440,7 @@ def compile_adapter(
     merge_dir: str | Path | None = None,
     device: str = DEFAULT_DEVICE,
     model_dtype: str = DEFAULT_MODEL_DTYPE,
+    moments: MomentsArg = None,
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
@@ -357,7 +456,9 @@ def compile_adapter(
     embedding LoRA) is exact: nothing is calibrated or fitted. ``merge_dir``: also write the
     base model with the adapter merged into its weights there. ``device``/``model_dtype``: where
     and in what precision a model named by ``model`` is loaded; the report's ``memory`` has the
-    peak memory of the compile.
+    peak memory of the compile. ``moments``: moments files (``calibrate_moments``) to fit from
+    instead of calibrating (sequential multi-layer: they serve the first layer, as ``calibration``).
+    Under torchrun the ranks share the calibration; rank 0 measures the held-out error and writes.
     """
     check_writable(out_dir, force)
     if merge_dir is not None:
@@ -375,7 +476,7 @@ def compile_adapter(
         return _compile(
             loaded, steering, out_dir, prof, peak, coef=coef, direction=direction, ridge=ridge, texts=texts,
             heldout=heldout, self_generated=self_generated, seed=seed, force=force, calibration=calibration,
-            dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir,
+            dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir, moments=moments,
         )  # fmt: skip
 
 
@@ -399,6 +500,7 @@ def _compile(
     base_model_id: str | None,
     sequential: bool,
     merge_dir: str | Path | None,
+    moments: MomentsArg = None,
 ) -> CompileResult:
     warnings = []
     if base_model_id is None and loaded.is_local:
@@ -427,6 +529,11 @@ def _compile(
         projections = {k: exact_projections(loaded, heldout_samples) for k in keys}
         direction = "exact"
     else:
+        files: dict = {}
+        if moments:
+            # Sequential: the files serve the shallowest layer; the later ones are calibrated under its delta.
+            needed = sorted(keys, key=lambda k: (k[1], k[0]))[:1] if sequential else keys
+            calibration, files = _file_calibration(moments, loaded, needed)
         if sequential:
             samples = calibration_samples(loaded, texts, self_generated, seed)
             calibration, directions = calibrate_sequential(loaded, samples, vectors, fit, calibration)
@@ -434,6 +541,8 @@ def _compile(
             if calibration is None or not set(keys) <= calibration.moments.keys():
                 calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
             directions = {k: fit(k, calibration.moments[k]) for k in keys}
+        if not distributed.is_main():  # the other torchrun ranks only helped calibrate
+            return CompileResult(Path(out_dir), {})
         with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in keys}):
             projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     directions = {k: d.cpu() for k, d in directions.items()}  # fitted where the moments were; emitted on the CPU
@@ -470,6 +579,7 @@ def _compile(
             "domains": calibration.domains,
             "self_generated": self_generated,
             "fixed_prefix": calibration.fixed_prefix,
+            **({} if exact else files),
         },
         "heldout_domains": sorted({s.domain for s in heldout_samples}),
         "predicted_delta_rel_error": max(x["fit_error"]["all"]["rms"] for x in layer_reports),

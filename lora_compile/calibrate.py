@@ -17,13 +17,17 @@ quantisation.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .corpus import Sample
+from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 
@@ -148,6 +152,205 @@ class Calibration:
         )
 
 
+# Fixed point: a site's Gram entry G_ij is summed as an integer count of 2^(e_i + e_j − 62).
+FIXED_POINT_BITS = 62
+# The probe (batch 0) sets e_i; a dimension's mean square over all the text may be 2^(2·8) = 65536
+# times its mean square in the probe before its sums leave the int64 range (checked: check_range).
+MARGIN_BITS = 8
+# A dimension (nearly) silent in the probe gets the range of one at this share of the loudest.
+SILENT_FLOOR = 2.0**-30
+ROW_CHUNK = 1024  # rows converted at a time: the float64 and int64 temporaries stay small
+
+
+@dataclass
+class FixedPointScale:
+    """The grid of one site's integer moment sums, fixed from a probe every process computes.
+
+    Why integers: float64 sums added in another order (1 process, N ranks, N shard files) round
+    differently, and the fit can carry a last-bit difference into the float32 adapter. Each batch's
+    float64 Gram (deterministic: batches are fixed by the text) is rounded once onto the grid; from
+    there on sums are exact, so they are the same in any order and any split.
+
+    ``G_ij`` counts ``2^(e_i + e_j − 62)``, ``μ_i`` counts ``2^(e_i + c − 62)``. With
+    ``2^(2 e_i) ≥ tokens · mean square_i · 2^(2·MARGIN_BITS)`` and ``2^c ≥ √tokens``, Cauchy–Schwarz
+    keeps ``|G_ij| ≤ 2^(e_i + e_j)`` and ``|μ_i| ≤ 2^(e_i + c)``: every sum fits 62 bits, and the
+    rounding (half a unit per batch) is ~2^-46 of ``G_ii``, far below float32 activations' 2^-24.
+    """
+
+    exponents: torch.Tensor  # [d] int64
+    count_exponent: int
+
+    @classmethod
+    def from_probe(cls, x: torch.Tensor, total_tokens: int) -> FixedPointScale:
+        """From the inputs ``x`` [n, d] of the probe batch and the calibration's token count."""
+        mean_square = (x.to(torch.float64) ** 2).mean(0).cpu() if x.shape[0] else torch.ones(x.shape[1])
+        top = float(mean_square.max())
+        mean_square = mean_square.clamp_min(top * SILENT_FLOOR if top > 0 else 1.0)
+        tokens = max(total_tokens, 1)
+        exponents = torch.ceil(0.5 * torch.log2(mean_square * tokens)).to(torch.int64) + MARGIN_BITS
+        return cls(exponents, math.ceil(0.5 * math.log2(tokens)) + 1)
+
+    @classmethod
+    def unit(cls, dim: int) -> FixedPointScale:
+        return cls(torch.zeros(dim, dtype=torch.int64), 0)
+
+    def _steps(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """Per-dimension factors ``2^(31 − e_i)`` and the μ factor ``2^(31 − c)``: exact powers of two."""
+        ones = torch.ones(self.exponents.shape, dtype=torch.float64)
+        return torch.ldexp(ones, 31 - self.exponents).to(device), 2.0 ** (31 - self.count_exponent)
+
+    def add_gram_(self, accs: list[torch.Tensor], gram: torch.Tensor) -> None:
+        """``acc += gram`` on the grid for each of ``accs`` (``gram`` of any float dtype), rounded once."""
+        steps, _ = self._steps(accs[0].device)
+        for r in range(0, gram.shape[0], ROW_CHUNK):
+            g = gram[r : r + ROW_CHUNK].to(torch.float64) * steps[r : r + ROW_CHUNK, None]
+            g *= steps[None, :]
+            self._check(g)
+            ints = g.round_().to(torch.int64)
+            for acc in accs:
+                acc[r : r + ROW_CHUNK] += ints
+
+    def add_total_(self, accs: list[torch.Tensor], total: torch.Tensor) -> None:
+        steps, mu_step = self._steps(accs[0].device)
+        t = total.to(torch.float64) * steps * mu_step
+        self._check(t)
+        ints = t.round_().to(torch.int64)
+        for acc in accs:
+            acc += ints
+
+    def gram(self, acc: torch.Tensor) -> torch.Tensor:
+        """The float64 Gram of integer sums ``acc`` (one rounding, to float64's 53 bits)."""
+        steps, _ = self._steps(acc.device)
+        out = torch.empty(acc.shape, dtype=torch.float64, device=acc.device)
+        for r in range(0, acc.shape[0], ROW_CHUNK):
+            out[r : r + ROW_CHUNK] = acc[r : r + ROW_CHUNK].to(torch.float64) / steps[r : r + ROW_CHUNK, None]
+            out[r : r + ROW_CHUNK] /= steps[None, :]
+        return out
+
+    def total(self, acc: torch.Tensor) -> torch.Tensor:
+        steps, mu_step = self._steps(acc.device)
+        return acc.to(torch.float64) / steps / mu_step
+
+    @staticmethod
+    def _check(scaled: torch.Tensor) -> None:
+        if scaled.numel() and float(scaled.abs().max()) >= 2.0**FIXED_POINT_BITS:
+            raise LoraCompileError(
+                "calibration activations grew far beyond those of its first batch (fixed-point range exceeded): "
+                "put typical text first in the calibration files"
+            )
+
+    def same_as(self, other: FixedPointScale) -> bool:
+        return self.count_exponent == other.count_exponent and torch.equal(self.exponents, other.exponents)
+
+
+@dataclass
+class ExactMoments:
+    """One site's moments as exact integer sums (``FixedPointScale``), with the odd-sample fold."""
+
+    scale: FixedPointScale
+    gram: torch.Tensor  # [d, d] int64, all tokens
+    total: torch.Tensor  # [d] int64
+    count: int
+    odd_gram: torch.Tensor  # [d, d] int64, odd-numbered samples only
+    odd_total: torch.Tensor
+    odd_count: int
+    pinned: torch.Tensor  # [k, d] float64
+
+    @classmethod
+    def zeros(cls, scale: FixedPointScale, device: torch.device | str = "cpu") -> ExactMoments:
+        d = scale.exponents.numel()
+
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.int64, device=device)
+
+        return cls(scale, z(d, d), z(d), 0, z(d, d), z(d), 0, torch.zeros(0, d, dtype=torch.float64, device=device))
+
+    def add_(self, x: torch.Tensor, odd: bool) -> None:
+        """Add a batch of inputs ``x`` [n, d]: its Gram (``_batch_gram`` on a GPU, float64 on the CPU) on the grid."""
+        if x.shape[0] == 0:
+            return
+        gram = x.to(torch.float64).T @ x.to(torch.float64) if x.device.type == "cpu" else _batch_gram(x)
+        total = x.sum(0, dtype=torch.float64)
+        # Rounded onto the grid once, added to the whole and (odd samples) to the fold.
+        self.scale.add_gram_([self.gram, self.odd_gram] if odd else [self.gram], gram)
+        self.scale.add_total_([self.total, self.odd_total] if odd else [self.total], total)
+        self.count += x.shape[0]
+        self.odd_count += x.shape[0] if odd else 0
+
+    def to(self, device: torch.device | str) -> ExactMoments:
+        return ExactMoments(
+            self.scale,
+            self.gram.to(device),
+            self.total.to(device),
+            self.count,
+            self.odd_gram.to(device),
+            self.odd_total.to(device),
+            self.odd_count,
+            self.pinned.to(device),
+        )
+
+    def all_reduce_(self) -> None:
+        """Sum over torchrun ranks (exact: integers)."""
+        for t in (self.gram, self.total, self.odd_gram, self.odd_total):
+            distributed.all_reduce_sum_(t)
+        counts = distributed.all_reduce_sum_(torch.tensor([self.count, self.odd_count], dtype=torch.int64))
+        self.count, self.odd_count = int(counts[0]), int(counts[1])
+
+    def check_range(self, diagonal: torch.Tensor, key: SiteKey) -> None:
+        """Compare the sums' diagonal with a float64 sum of squares: int64 wrap-around shows as a mismatch."""
+        steps, _ = self.scale._steps(self.gram.device)
+        diag = self.gram.diagonal().to(torch.float64) / steps**2  # G_ii counts 2^(2 e_i − 62) = 1/step_i²
+        if not torch.allclose(diag, diagonal.to(diag.device), rtol=1e-6, atol=0):
+            raise LoraCompileError(
+                f"moments of {key[0]} {key[1]} left the fixed-point range (activations far beyond those of the "
+                "first batch): put typical text first in the calibration files"
+            )
+
+    def to_moments(self) -> Moments:
+        """Float64 moments for the fits, the fold included."""
+        fold = Moments(self.scale.gram(self.odd_gram), self.scale.total(self.odd_total), self.odd_count, self.pinned)
+        return Moments(self.scale.gram(self.gram), self.scale.total(self.total), self.count, self.pinned, fold)
+
+    def __add__(self, other: ExactMoments) -> ExactMoments:
+        if not self.scale.same_as(other.scale):
+            raise LoraCompileError(
+                "moments on different fixed-point scales cannot be added: combine only shards of one calibration"
+            )
+        pinned = self.pinned if self.pinned.numel() else other.pinned
+        return ExactMoments(
+            self.scale,
+            self.gram + other.gram,
+            self.total + other.total,
+            self.count + other.count,
+            self.odd_gram + other.odd_gram,
+            self.odd_total + other.odd_total,
+            self.odd_count + other.odd_count,
+            pinned,
+        )
+
+
+@dataclass
+class ExactCalibration:
+    """Integer moments per site (``calibrate_exact``), and what they were measured on; shards add."""
+
+    model_id: str
+    moments: dict[SiteKey, ExactMoments]
+    tokens: int = 0
+    domains: dict[str, int] = field(default_factory=dict)
+    fixed_prefix: list[int] = field(default_factory=list)
+    corpus: str = ""  # corpus_hash of the whole calibration text
+    batches: tuple[int, int, int] = (0, 0, 0)  # [start, stop) of the text's batch count
+
+    def to_calibration(self, device: torch.device | str | None = None) -> Calibration:
+        """Float64 moments, site by site (each site's integers are dropped as it is converted)."""
+        moments = {}
+        for key in sorted(self.moments):
+            exact = self.moments.pop(key)
+            m = exact.to_moments()
+            moments[key] = m if device is None else m.to(device)
+        return Calibration(self.model_id, moments, self.tokens, dict(self.domains), list(self.fixed_prefix))
+
+
 def encode(loaded: LoadedModel, samples: list[Sample], max_tokens: int = MAX_SAMPLE_TOKENS) -> list[list[int]]:
     return [s.token_ids(loaded.tokenizer, max_tokens) for s in samples]
 
@@ -218,16 +421,21 @@ def stream_captured(
     outputs_of: Sequence[str] = (),
     description: str = "running model",
     batch_tokens: int = BATCH_TOKENS,
+    select: list[int] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]]:
     """The model over right-padded ``batches`` of ``token_lists``, stopped after layer ``deepest``.
 
     Per batch: (sample indices, mask [B, T] on the CPU, {module: its input or output}) on the
     model's device, in its dtype. Right padding never changes the activations of the text
-    before it under causal attention.
+    before it under causal attention. ``select``: run only these batches (indices into the batch
+    list, which depends only on ``token_lists`` and ``batch_tokens``: the same in every process
+    and shard).
     """
-    pad_id = loaded.tokenizer.pad_token_id
+    batches = list(padded_batches(token_lists, loaded.tokenizer.pad_token_id, batch_tokens))
+    if select is not None:
+        batches = [batches[i] for i in select]
     with _capturing(loaded, list(inputs_of), list(outputs_of), deepest) as captured, torch.no_grad():
-        for batch, ids, mask in track(list(padded_batches(token_lists, pad_id, batch_tokens)), description):
+        for batch, ids, mask in track(batches, description):
             captured.clear()
             try:
                 loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
@@ -242,12 +450,18 @@ def stream_writer_inputs(
     token_lists: list[list[int]],
     description: str = "running model",
     batch_tokens: int = BATCH_TOKENS,
+    select: list[int] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[SiteKey, torch.Tensor]]]:
-    """Per batch: (sample indices, mask [B, T] on the CPU, inputs per site [B, T, d_site] on the model's device)."""
+    """Per batch: (sample indices, mask [B, T] on the CPU, inputs per site [B, T, d_site] on the model's device).
+
+    ``select``: run only these batches (``stream_captured``).
+    """
     keys = sorted(set(keys))
     writers = [w for site, layer in keys for w in loaded.arch.writers(site, layer)]
     deepest = max(layer for _, layer in keys)
-    for batch, mask, captured in stream_captured(loaded, token_lists, deepest, writers, (), description, batch_tokens):
+    for batch, mask, captured in stream_captured(
+        loaded, token_lists, deepest, writers, (), description, batch_tokens, select
+    ):
         # Left where the model ran and in its dtype: the moments accumulate there, and each
         # consumer upcasts one site at a time (all sites of a group upcast at once would double
         # the activations' memory).
@@ -263,44 +477,98 @@ def site_dim(loaded: LoadedModel, key: SiteKey) -> int:
     return sum(loaded.module(w).in_features for w in loaded.arch.writers(site, layer))
 
 
+def batch_count(loaded: LoadedModel, token_lists: list[list[int]], batch_tokens: int = BATCH_TOKENS) -> int:
+    """How many batches the calibration text makes (shards and ranks split these)."""
+    return sum(1 for _ in padded_batches(token_lists, loaded.tokenizer.pad_token_id, batch_tokens))
+
+
+def corpus_hash(token_lists: list[list[int]], batch_tokens: int = BATCH_TOKENS) -> str:
+    """sha256 of the calibration token ids (and the batching): what makes shards of one calibration."""
+    h = hashlib.sha256(f"batch_tokens={batch_tokens};max_tokens={MAX_SAMPLE_TOKENS};".encode())
+    for ids in token_lists:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
 def calibrate(
     loaded: LoadedModel,
     samples: list[Sample],
     keys: list[SiteKey],
     batch_tokens: int = BATCH_TOKENS,
 ) -> Calibration:
-    """Accumulate float64 moments of the writer inputs of ``keys`` over ``samples``."""
+    """Accumulate the moments of the writer inputs of ``keys`` over ``samples`` (float64 for the fits).
+
+    Under torchrun the ranks split the batches (``calibrate_exact``); the result is the same bits.
+    """
+    return calibrate_exact(loaded, samples, keys, batch_tokens).to_calibration()
+
+
+def calibrate_exact(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    keys: list[SiteKey],
+    batch_tokens: int = BATCH_TOKENS,
+    shard: tuple[int, int] | None = None,
+) -> ExactCalibration:
+    """Fixed-point moment sums of the writer inputs of ``keys``: exact, so they add in any order.
+
+    The batches are fixed by the text alone; ``shard`` ``(i, n)`` takes the i-th of n contiguous
+    shares of them, and under torchrun each rank takes a share of that and the ranks' integer
+    sums are all-reduced. Every process first runs batch 0 to fix the scale (``FixedPointScale``).
+    """
     keys = sorted(set(keys))
     for _, layer in keys:
         loaded.check_layer(layer)
     token_lists = encode(loaded, samples)
     device = loaded.device
-    # Two d×d float64 matrices per site (all tokens, and the odd fold): scan.site_moments_bytes.
-    moments = {k: Moments.zeros(site_dim(loaded, k), device) for k in keys}
-    odd = {k: Moments.zeros(site_dim(loaded, k), device) for k in keys}
-    domains: dict[str, int] = {}
-    for batch, mask, inputs in stream_writer_inputs(loaded, keys, token_lists, "calibrating", batch_tokens):
+    count = batch_count(loaded, token_lists, batch_tokens)
+    part, parts = shard if shard is not None else (0, 1)
+    shard_range = distributed.share(count, part, parts)
+    mine = [shard_range[i] for i in distributed.share(len(shard_range))]
+    total_tokens = sum(len(t) for t in token_lists)
+    # Two d×d int64 sums per site (all tokens, and the odd fold): scan.site_moments_bytes.
+    sums: dict[SiteKey, ExactMoments] = {}
+    check = {k: torch.zeros(site_dim(loaded, k), dtype=torch.float64, device=device) for k in keys}
+    domains = dict.fromkeys(sorted({s.domain for s in samples}), 0)
+    run = ([0] if 0 not in mine else []) + mine  # batch 0 first everywhere: it fixes the scale
+    batches = stream_writer_inputs(loaded, keys, token_lists, "calibrating", batch_tokens, select=run)
+    for index, (batch, mask, inputs) in zip(run, batches):
+        if not sums:
+            for key, x in inputs.items():
+                probe = FixedPointScale.from_probe(x[mask.to(x.device)], total_tokens)
+                sums[key] = ExactMoments.zeros(probe, device)
+        if index not in mine:
+            continue
         is_odd = torch.tensor([i % 2 == 1 for i in batch])[:, None]
         even_mask, odd_mask = (mask & ~is_odd).to(device), (mask & is_odd).to(device)
         for key, x in inputs.items():
-            moments[key].add_(x[even_mask])
-            odd[key].add_(x[odd_mask])
+            sums[key].add_(x[even_mask], odd=False)
+            sums[key].add_(x[odd_mask], odd=True)
+            check[key] += (x[mask.to(device)].to(torch.float64) ** 2).sum(0)
         for i in batch:
-            domains[samples[i].domain] = domains.get(samples[i].domain, 0) + len(token_lists[i])
-    for k in keys:
-        moments[k].add_moments_(odd[k])  # the even part becomes the whole, in place
-        moments[k].fold = odd[k]
+            domains[samples[i].domain] += len(token_lists[i])
+    if not sums:  # no text at all: nothing to scale by
+        sums = {k: ExactMoments.zeros(FixedPointScale.unit(site_dim(loaded, k)), device) for k in keys}
+    for key in keys:
+        sums[key].all_reduce_()
+        sums[key].check_range(distributed.all_reduce_sum_(check[key]), key)
+    names = list(domains)
+    counts = distributed.all_reduce_sum_(torch.tensor([domains[d] for d in names], dtype=torch.int64))
+    domains = {d: int(n) for d, n in zip(names, counts) if n > 0}
     prefix = loaded.fixed_prefix()
     if prefix:
         for _, _, inputs in stream_writer_inputs(loaded, keys, [prefix], "pinning prefix"):
             for key, x in inputs.items():
-                moments[key].pinned = x[0].to(torch.float64)
-    return Calibration(
+                sums[key].pinned = x[0].to(torch.float64)
+    return ExactCalibration(
         model_id=loaded.model_id,
-        moments=moments,
-        tokens=sum(len(t) for t in token_lists),
+        moments=sums,
+        tokens=sum(domains.values()),
         domains=domains,
         fixed_prefix=prefix,
+        corpus=corpus_hash(token_lists, batch_tokens),
+        batches=(shard_range.start, shard_range.stop, count),
     )
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import api, progress
+from . import api, distributed, progress
 from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, MODEL_DTYPES
 from .display import (
     check_table,
@@ -69,6 +69,14 @@ MergeOpt = Annotated[
     Path | None,
     typer.Option("--merge", help="Also write the base model with the adapter merged in (for serving without LoRA)."),
 ]
+MomentsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--moments",
+        help="Moments files from `lora-compile calibrate -o` (shards of one calibration add up) instead of "
+        "calibrating. Repeatable.",
+    ),
+]
 TargetOpt = Annotated[
     str, typer.Option("--target", "-t", help=f"Serving target: {', '.join(PROFILES)}. Default: {DEFAULT_TARGET}.")
 ]
@@ -105,7 +113,9 @@ def _error(message: str) -> None:
 
 def _run(fn):
     """Run a command body: bad input, an unreadable or unwritable file and interrupts become one line on stderr."""
-    progress.enable(True)
+    main = distributed.is_main()
+    progress.enable(main)
+    out.quiet = not main  # under torchrun only rank 0 speaks (errors still reach stderr)
     try:
         return fn()
     except LoraCompileError as exc:
@@ -141,6 +151,7 @@ def scan(
             "(default: as many as fit in the device's free memory).",
         ),
     ] = None,
+    moments: MomentsOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
@@ -164,7 +175,10 @@ def scan(
             device=device,
             model_dtype=model_dtype,
             group_layers=group_layers,
+            moments=moments,
         )
+        if not distributed.is_main():
+            return
         print_scan(result)
         print_memory(result["memory"])
         out.print(f"wrote {output / 'scan.json'} and {output / 'scan.png'}")
@@ -211,6 +225,7 @@ def compile_cmd(
         ),
     ] = False,
     merge: MergeOpt = None,
+    moments: MomentsOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
@@ -239,7 +254,10 @@ def compile_cmd(
             merge_dir=merge,
             device=device,
             model_dtype=model_dtype,
+            moments=moments,
         )
+        if not distributed.is_main():
+            return
         print_compile(result.report)
         print_memory(result.report["memory"])
         for warning in result.report["warnings"]:
@@ -247,6 +265,56 @@ def compile_cmd(
         out.print(f"wrote adapter to {result.adapter_dir} (target {target}, rank {result.report['rank']})")
         if result.merged_dir is not None:
             out.print(f"wrote merged model to {result.merged_dir}")
+
+    _run(body)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Moments file to write (.safetensors).")],
+    model: ModelOpt = None,
+    site: Annotated[list[str] | None, typer.Option(help="Sites to calibrate (default: all). Repeatable.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers, e.g. 8-20 (default: all).")] = None,
+    texts: TextsOpt = None,
+    self_generate: SelfGenOpt = 0,
+    seed: Annotated[int, typer.Option(help="Seed for --self-generate sampling.")] = 0,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Only shard i/N of the calibration batches (e.g. 0/2); the N files add up to one run."),
+    ] = None,
+    group_layers: Annotated[
+        int | None, typer.Option("--group-layers", help="Calibrate this many layers per pass (default: planned).")
+    ] = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
+    force: ForceOpt = False,
+) -> None:
+    """Calibrate once and save the moments, for `compile --moments` and `scan --moments`."""
+
+    def body():
+        header = api.calibrate_moments(
+            output,
+            model,
+            sites=site,
+            layers=_layers(layers),
+            texts=texts,
+            self_generated=self_generate,
+            seed=seed,
+            shard=shard,
+            force=force,
+            device=device,
+            model_dtype=model_dtype,
+            group_layers=group_layers,
+        )
+        if not distributed.is_main():
+            return
+        batches = header["batches"]
+        out.print(
+            f"wrote {output}: {len(header['site_counts'])} sites ({', '.join(header['sites'])}; layers "
+            f"{header['layers'][0]}–{header['layers'][-1]}), {header['tokens']} tokens, batches "
+            f"{batches['start']}–{batches['stop']} of {batches['total']}, model {header['model_fingerprint']}"
+        )
+        print_memory(header["memory"])
 
     _run(body)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .architectures import Architecture, architecture_for
 from .devices import DEFAULT_DEVICE, model_dtype, resolve_device
 from .errors import LoraCompileError
@@ -201,6 +202,8 @@ def load_model(
 
     _work_around_forced_cpu_kernels()
     dtype, device = model_dtype(dtype), resolve_device(device)  # bad names fail before any loading
+    device = distributed.device_for(device)  # under torchrun: this rank's GPU
+    distributed.setup(device)
     source, kwargs, name, model_id = _source(model)
     config = load_config(model)
     arch = architecture_for(config.model_type)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .calibrate import Calibration, SiteKey, calibrate, project_inputs, site_dim
 from .corpus import Sample
 from .devices import device_memory_bytes
@@ -97,7 +98,8 @@ def scan_in_groups(
     rows: list[dict] = []
     for group in groups:
         calibration = calibrate(loaded, samples, [k for k in keys if k[1] in group])
-        rows += site_rows(loaded, calibration, heldout, ridge)
+        if distributed.is_main():  # under torchrun the other ranks only help calibrate
+            rows += site_rows(loaded, calibration, heldout, ridge)
         if len(groups) == 1:
             calibration = calibration.to("cpu")
         else:  # drop this group's moments before the next group's are allocated
