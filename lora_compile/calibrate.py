@@ -235,7 +235,7 @@ def stream_writer_inputs(
 
 def site_dim(loaded: LoadedModel, key: SiteKey) -> int:
     site, layer = key
-    return sum(loaded.module(w).in_features for w in loaded.arch.writers(site, layer))
+    return sum(loaded.in_features(w) for w in loaded.arch.writers(site, layer))
 
 
 def calibrate(
@@ -297,7 +297,7 @@ def compiled_deltas(loaded: LoadedModel, steered: dict[SiteKey, tuple[torch.Tens
     try:
         for (site, layer), (direction, vec) in steered.items():
             writers = loaded.arch.writers(site, layer)
-            parts = torch.split(direction.to(loaded.device), [loaded.module(w).in_features for w in writers])
+            parts = torch.split(direction.to(loaded.device), [loaded.in_features(w) for w in writers])
             for writer, part in zip(writers, parts):
                 handles.append(loaded.module(writer).register_forward_hook(adder(part, vec.to(loaded.device))))
         yield
