@@ -228,7 +228,8 @@ def stream_writer_inputs(
             # the activations' memory).
             inputs = {}
             for site, layer in keys:
-                parts = [captured[w] for w in loaded.arch.writers(site, layer)]
+                # [B, T, d]: some blocks (OPT's MLP) run their writers on the flattened [B·T, d] tokens.
+                parts = [captured[w].reshape(*ids.shape, -1) for w in loaded.arch.writers(site, layer)]
                 inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             yield batch, mask.bool(), inputs
 
