@@ -563,7 +563,7 @@ def _compile(
     tensors = adapter_tensors(loaded, steered, prof, dtype)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
     base_model = base_model_id or loaded.model_id
-    config = adapter_config(base_model, targets, prof)
+    config = adapter_config(base_model, targets, prof, loaded.arch.fan_in_fan_out)
     report = {
         "base_model": base_model,
         "target": prof.name,

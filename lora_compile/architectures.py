@@ -8,7 +8,11 @@ Passes look things up here; they never branch on ``model_type``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
 
 from .errors import LoraCompileError
 
@@ -35,6 +39,12 @@ class SiteSpec:
     ``attention``, ``values``: for a site written by attention, the attention module and
     its value projection, the other route in (a LoRA on ``values`` reaches the site
     averaged over tokens by the attention weights; ``fit.value_route``).
+    Several ``writers`` (parallel blocks: attention and MLP both add into ``resid_post``):
+    one direction is fitted over their concatenated inputs and split between them, each
+    writer's LoRA with the same B, so the deltas add up to ``(b·x) s``.
+    ``additive``: a LoRA delta on the writers reaches the residual stream unchanged (nothing
+    between the writers' outputs and the stream but dropout and the residual sum), so the
+    compiled adapter adds ``(b·x) s`` exactly; its only error is ``b·x − 1``.
     """
 
     writers: tuple[str, ...]
@@ -43,6 +53,7 @@ class SiteSpec:
     layers: tuple[int, ...] | None = None
     attention: str | None = None
     values: str | None = None
+    additive: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,8 +66,23 @@ class Architecture:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
+    # The short names of this family's linear modules that LoRA servers take adapters on (the
+    # serving-target linter's vocabulary for the family; fused projections under their fused name).
+    lora_modules: frozenset[str] = frozenset()
+    # Writers store their weight as [in, out] (GPT-2's Conv1D): PEFT's ``fan_in_fan_out: true``.
+    fan_in_fan_out: bool = False
+    # Which configs of these model types the entry describes (e.g. Falcon's parallel or sequential
+    # block): the first entry whose predicate holds is the model's. None: every config.
+    applies: Callable[[Any], bool] | None = None
+    # Set for a config variant the compiler refuses as a whole: the reason (e.g. OPT's post-LN).
+    unsupported: str | None = None
+    # Sites this family has in the residual stream but a LoRA cannot write exactly: site -> reason.
+    refused_sites: Mapping[str, str] = field(default_factory=dict)
+    notes: str = ""  # what a user should know (README's table)
 
     def site(self, site: str) -> SiteSpec:
+        if site in self.refused_sites:
+            raise LoraCompileError(f"site {site!r} is refused for {self.name}: {self.refused_sites[site]}")
         if site not in self.sites:
             raise LoraCompileError(
                 f"site {site!r} is not supported for {self.name}; use one of: " + ", ".join(self.sites)
@@ -104,6 +130,54 @@ _LLAMA_SITES = {
     ),
     "resid_pre": SiteSpec(writers=("model.embed_tokens",), hook="model.embed_tokens", embedding=True, layers=(0,)),
 }
+_LLAMA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+def _sequential_sites(layers: str, attn_out: str, mlp_out: str, embedding: str | None) -> dict[str, SiteSpec]:
+    """A pre-norm block ``h += attn(norm(h)); h += mlp(norm(h))``: one writer per site."""
+    sites = {
+        "resid_post": SiteSpec(writers=(f"{layers}.{{L}}.{mlp_out}",), hook=f"{layers}.{{L}}.{mlp_out}"),
+        "resid_mid": SiteSpec(writers=(f"{layers}.{{L}}.{attn_out}",), hook=f"{layers}.{{L}}.{attn_out}"),
+    }
+    if embedding is not None:
+        sites["resid_pre"] = SiteSpec(writers=(embedding,), hook=embedding, embedding=True, layers=(0,))
+    return sites
+
+
+def _parallel_sites(layers: str, attn_out: str, mlp_out: str, embedding: str) -> dict[str, SiteSpec]:
+    """A parallel block ``h += attn(norm(h)) + mlp(norm'(h))``: both write ``resid_post``; no ``resid_mid``.
+
+    The block has no point between attention and MLP in its residual stream, so there is no
+    ``resid_mid`` site. True addition hooks the MLP's writer: its output joins the layer's output
+    unchanged (``hidden_states[L+1]``), as the attention writer's does.
+    """
+    return {
+        "resid_post": SiteSpec(
+            writers=(f"{layers}.{{L}}.{attn_out}", f"{layers}.{{L}}.{mlp_out}"), hook=f"{layers}.{{L}}.{mlp_out}"
+        ),
+        "resid_pre": SiteSpec(writers=(embedding,), hook=embedding, embedding=True, layers=(0,)),
+    }
+
+
+_PARALLEL_NO_MID = (
+    "attention and MLP run in parallel on the same input, so the residual stream has no point "
+    "between them: use resid_post (both writers, fitted jointly)"
+)
+_MOE_POST = (
+    "the MLP is a mixture of experts: each routed expert's down_proj would need its own LoRA (the "
+    "experts are 3-D parameters, not linear modules, in transformers, and few servers take LoRA on "
+    "experts), and the delta would be exact only where the router weights of the chosen experts sum "
+    "to 1 (Qwen MoE without norm_topk_prob: they do not; its shared expert is sigmoid-gated): use resid_mid"
+)
+
+
+def _falcon_parallel(config: Any) -> bool:
+    return bool(getattr(config, "new_decoder_architecture", False) or getattr(config, "parallel_attn", True))
+
+
+def _opt_embeddings_projected(config: Any) -> bool:
+    return getattr(config, "word_embed_proj_dim", None) not in (None, getattr(config, "hidden_size", None))
+
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
@@ -113,6 +187,149 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         num_layers_key="num_hidden_layers",
         hidden_size_key="hidden_size",
         sites=_LLAMA_SITES,
+        lora_modules=_LLAMA_MODULES,
+    ),
+    Architecture(
+        name="phi3",
+        model_types=("phi3",),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        # Fused qkv_proj and gate_up_proj feed attention and the MLP; the writers are still o_proj / down_proj.
+        sites=_sequential_sites("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.embed_tokens"),
+        lora_modules=frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+        notes="fused qkv_proj / gate_up_proj; no value route (v_proj is fused into qkv_proj)",
+    ),
+    Architecture(
+        name="moe",
+        model_types=("mixtral", "qwen2_moe", "qwen3_moe"),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites={k: v for k, v in _LLAMA_SITES.items() if k != "resid_post"},
+        lora_modules=frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}),
+        refused_sites={"resid_post": _MOE_POST},
+        notes="resid_post refused (mixture-of-experts MLP)",
+    ),
+    Architecture(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        num_layers_key="n_layer",
+        hidden_size_key="n_embd",
+        heads_key="n_head",
+        # The position embedding (wpe) is added beside wte: a LoRA on wte still adds s to every token.
+        sites=_sequential_sites("transformer.h", "attn.c_proj", "mlp.c_proj", "transformer.wte"),
+        lora_modules=frozenset({"c_attn", "c_proj", "c_fc"}),
+        fan_in_fan_out=True,
+        notes="Conv1D writers (weights [in, out]): adapters say fan_in_fan_out: true",
+    ),
+    Architecture(
+        name="gpt-neox-parallel",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_parallel_sites("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h", "gpt_neox.embed_in"),
+        lora_modules=frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+        applies=lambda config: bool(getattr(config, "use_parallel_residual", True)),
+        refused_sites={"resid_mid": _PARALLEL_NO_MID},
+        notes="use_parallel_residual: true (Pythia)",
+    ),
+    Architecture(
+        name="gpt-neox-sequential",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_sequential_sites("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h", "gpt_neox.embed_in"),
+        lora_modules=frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+        notes="use_parallel_residual: false",
+    ),
+    Architecture(
+        name="gptj",
+        model_types=("gptj",),
+        layers="transformer.h",
+        num_layers_key="n_layer",
+        hidden_size_key="n_embd",
+        heads_key="n_head",
+        sites=_parallel_sites("transformer.h", "attn.out_proj", "mlp.fc_out", "transformer.wte"),
+        lora_modules=frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"}),
+        refused_sites={"resid_mid": _PARALLEL_NO_MID},
+    ),
+    Architecture(
+        name="phi",
+        model_types=("phi",),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_parallel_sites("model.layers", "self_attn.dense", "mlp.fc2", "model.embed_tokens"),
+        lora_modules=frozenset({"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}),
+        refused_sites={"resid_mid": _PARALLEL_NO_MID},
+        notes="Phi-1, Phi-1.5, Phi-2",
+    ),
+    Architecture(
+        name="opt-post-ln",
+        model_types=("opt",),
+        layers="model.decoder.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        applies=lambda config: not getattr(config, "do_layer_norm_before", True),
+        unsupported=(
+            "do_layer_norm_before is false (post-LN, e.g. OPT-350m): each block's output is layer-normalised "
+            "after the residual sum, so no writer's LoRA delta is an additive delta to the stream"
+        ),
+    ),
+    Architecture(
+        name="opt",
+        model_types=("opt",),
+        layers="model.decoder.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_sequential_sites("model.decoder.layers", "self_attn.out_proj", "fc2", "model.decoder.embed_tokens"),
+        lora_modules=frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
+        applies=lambda config: not _opt_embeddings_projected(config),
+        notes="do_layer_norm_before: true only (post-LN refused)",
+    ),
+    Architecture(
+        name="opt-projected-embeddings",
+        model_types=("opt",),
+        layers="model.decoder.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_sequential_sites("model.decoder.layers", "self_attn.out_proj", "fc2", None),
+        lora_modules=frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
+        refused_sites={
+            "resid_pre": "the token embedding is narrower than the stream (word_embed_proj_dim) and "
+            "project_in maps it: an embedding LoRA adds project_in(s'), not s. Use resid_post or resid_mid"
+        },
+        notes="word_embed_proj_dim ≠ hidden_size (OPT-350m style): no resid_pre",
+    ),
+    Architecture(
+        name="falcon-parallel",
+        model_types=("falcon",),
+        layers="transformer.h",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_parallel_sites(
+            "transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "transformer.word_embeddings"
+        ),
+        lora_modules=frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+        applies=_falcon_parallel,
+        refused_sites={"resid_mid": _PARALLEL_NO_MID},
+        notes="parallel_attn or new_decoder_architecture (Falcon-7B/40B/180B)",
+    ),
+    Architecture(
+        name="falcon-sequential",
+        model_types=("falcon",),
+        layers="transformer.h",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_sequential_sites(
+            "transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "transformer.word_embeddings"
+        ),
+        lora_modules=frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+        notes="parallel_attn: false and not new_decoder_architecture",
     ),
 )
 
@@ -125,13 +342,52 @@ def check_site_name(site: str) -> str:
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for a in ARCHITECTURES for t in a.model_types)
+    return sorted({t for a in ARCHITECTURES if a.unsupported is None for t in a.model_types})
 
 
-def architecture_for(model_type: str) -> Architecture:
-    for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
-            return arch
-    raise LoraCompileError(
-        f"unsupported architecture {model_type!r}; supported model types: " + ", ".join(supported_model_types())
-    )
+def architecture_for(model_type: str, config: Any = None) -> Architecture:
+    """The table's entry for a model: by ``model_type``, then by ``config`` where the family's blocks vary.
+
+    Without ``config``, the first entry of the model type (its usual variant). A variant the
+    compiler refuses (``unsupported``) raises with the reason; an unknown type names the known ones.
+    """
+    candidates = [a for a in ARCHITECTURES if model_type in a.model_types]
+    if not candidates:
+        raise LoraCompileError(
+            f"unsupported architecture {model_type!r}; supported model types: " + ", ".join(supported_model_types())
+        )
+    if config is not None:
+        candidates = [a for a in candidates if a.applies is None or a.applies(config)] or candidates[-1:]
+    else:
+        candidates = [a for a in candidates if a.unsupported is None] or candidates
+    arch = candidates[0]
+    if arch.unsupported is not None:
+        raise LoraCompileError(f"unsupported {model_type} model: {arch.unsupported}")
+    return arch
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """The module keeps its weight as [in, out] (``transformers.pytorch_utils.Conv1D``, GPT-2's)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def module_features(module: nn.Module) -> tuple[int, int] | None:
+    """(input size, output size) of a module a LoRA can target (vocabulary and hidden size of an embedding)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_transposed(module):
+        rows, cols = module.weight.shape
+        return int(rows), int(cols)
+    return None
+
+
+def writer_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a writer module; a one-line error for a module no LoRA takes."""
+    features = module_features(module)
+    if features is None:
+        raise LoraCompileError(f"{type(module).__name__} is not a linear module: no LoRA can be compiled onto it")
+    return features

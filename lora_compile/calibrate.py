@@ -467,14 +467,15 @@ def stream_writer_inputs(
         # the activations' memory).
         inputs = {}
         for site, layer in keys:
-            parts = [captured[w] for w in loaded.arch.writers(site, layer)]
+            # [B, T, d]: some blocks (OPT's MLP) run their writers on the flattened [B·T, d] tokens.
+            parts = [captured[w].reshape(*mask.shape, -1) for w in loaded.arch.writers(site, layer)]
             inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         yield batch, mask, inputs
 
 
 def site_dim(loaded: LoadedModel, key: SiteKey) -> int:
     site, layer = key
-    return sum(loaded.module(w).in_features for w in loaded.arch.writers(site, layer))
+    return sum(loaded.in_features(w) for w in loaded.arch.writers(site, layer))
 
 
 def batch_count(loaded: LoadedModel, token_lists: list[list[int]], batch_tokens: int = BATCH_TOKENS) -> int:
@@ -590,7 +591,7 @@ def compiled_deltas(loaded: LoadedModel, steered: dict[SiteKey, tuple[torch.Tens
     try:
         for (site, layer), (direction, vec) in steered.items():
             writers = loaded.arch.writers(site, layer)
-            parts = torch.split(direction.to(loaded.device), [loaded.module(w).in_features for w in writers])
+            parts = torch.split(direction.to(loaded.device), [loaded.in_features(w) for w in writers])
             for writer, part in zip(writers, parts):
                 handles.append(loaded.module(writer).register_forward_hook(adder(part, vec.to(loaded.device))))
         yield

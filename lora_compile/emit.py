@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .architectures import module_features, writer_features
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .outputs import atomic_dir
@@ -41,13 +42,21 @@ def _short_name(module_path: str) -> str:
     return module_path.rsplit(".", 1)[-1]
 
 
-def _writer_template_index(loaded: LoadedModel, short: str) -> tuple[str, str]:
-    """The (site, writer template) whose writer module has this short name."""
-    for site, spec in loaded.arch.sites.items():
-        for template in spec.writers:
-            if _short_name(template) == short:
-                return site, template
-    raise KeyError(short)
+def _targeted_modules(loaded: LoadedModel, short: str, layers: set[int]) -> list[str]:
+    """Every LoRA-able module of ``layers`` that the target name ``short`` matches, in model order.
+
+    Servers match ``target_modules`` by the last part of a module's name, so a name can cover
+    more modules than the steered writers (GPT-2's ``c_proj``: ``attn.c_proj`` and ``mlp.c_proj``);
+    each gets tensors (zeros where not steering), so no server initialises or drops any of them.
+    """
+    prefix = f"{loaded.arch.layers}."
+    found = []
+    for name, module in loaded.model.named_modules():
+        if _short_name(name) != short or not name.startswith(prefix) or module_features(module) is None:
+            continue
+        if int(name[len(prefix) :].split(".", 1)[0]) in layers:
+            found.append(name)
+    return found
 
 
 def embedding_tensors(loaded: LoadedModel, sw: SiteWeights, rank: int = 1) -> dict[str, torch.Tensor]:
@@ -91,22 +100,19 @@ def adapter_tensors(
     steered = [sw for sw in steered if not loaded.arch.site(sw.site).embedding]
     for sw in steered:
         writers = loaded.arch.writers(sw.site, sw.layer)
-        widths = [loaded.module(w).in_features for w in writers]
+        widths = [loaded.in_features(w) for w in writers]
         b = sw.direction.to(torch.float64)
         s = sw.vector.to(torch.float64)
         k = torch.sqrt(s.norm() / b.norm().clamp_min(1e-30))
         for writer, part in zip(writers, torch.split(b, widths)):
             by_writer[writer] = (part * k, s / k)
     shorts = sorted({_short_name(w) for sw in steered for w in loaded.arch.writers(sw.site, sw.layer)})
+    layers = set(range(loaded.num_layers)) if target.every_layer else {sw.layer for sw in steered}
     for short in shorts:
-        _, template = _writer_template_index(loaded, short)
-        for layer in range(loaded.num_layers):
-            writer = template.format(L=layer)
-            if not target.every_layer and writer not in by_writer:
-                continue
-            module = loaded.module(writer)
-            a = torch.zeros(rank, module.in_features, dtype=torch.float32)
-            bmat = torch.zeros(module.out_features, rank, dtype=torch.float32)
+        for writer in _targeted_modules(loaded, short, layers):
+            in_features, out_features = writer_features(loaded.module(writer))
+            a = torch.zeros(rank, in_features, dtype=torch.float32)
+            bmat = torch.zeros(out_features, rank, dtype=torch.float32)
             if writer in by_writer:
                 a_row, b_col = by_writer[writer]
                 a[0] = a_row.to(torch.float32)
@@ -127,15 +133,22 @@ def _cast(key: str, value: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def adapter_config(
-    base_model: str, target_modules: list[str], target: TargetProfile = PROFILES[DEFAULT_TARGET]
+    base_model: str,
+    target_modules: list[str],
+    target: TargetProfile = PROFILES[DEFAULT_TARGET],
+    fan_in_fan_out: bool = False,
 ) -> dict:
-    """A PEFT LoRA config of long-standing keys only, at the target's rank with ``lora_alpha = r``."""
+    """A PEFT LoRA config of long-standing keys only, at the target's rank with ``lora_alpha = r``.
+
+    ``fan_in_fan_out``: the writers store weights as [in, out] (GPT-2's Conv1D; the architecture
+    table says so). The tensors keep Linear orientation either way; the flag tells a merge to transpose.
+    """
     rank = target.rank_for(1)
     return {
         "alpha_pattern": {},
         "base_model_name_or_path": base_model,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "layers_to_transform": None,

@@ -14,11 +14,13 @@ shared weight would steer the logits too.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .architectures import is_transposed
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .outputs import atomic_dir
@@ -27,7 +29,15 @@ from .targets import KEY_PREFIX, read_adapter, scale
 _A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
 
-def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+@dataclass
+class Deltas:
+    """An adapter's weight deltas per module path, and the weight layout its config claims."""
+
+    tensors: dict[str, torch.Tensor]
+    fan_in_fan_out: bool = False
+
+
+def adapter_deltas(adapter_dir: str | Path) -> Deltas:
     """``scaling·B·A`` per module path, float64, in the layout of that module's weight.
 
     A linear weight is ``[out, in]`` (``[in, out]`` where the config says ``fan_in_fan_out``,
@@ -46,7 +56,7 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         delta = scaling * (tensors[key.replace("_A", "_B")].double() @ a.double())
         transposed = suffix == ".lora_embedding_A" or config.get("fan_in_fan_out", False)
         deltas[key[len(KEY_PREFIX) : -len(suffix)]] = delta.T if transposed else delta
-    return deltas
+    return Deltas(deltas, bool(config.get("fan_in_fan_out", False)))
 
 
 def _untie_output_embeddings(model: nn.Module) -> None:
@@ -57,20 +67,30 @@ def _untie_output_embeddings(model: nn.Module) -> None:
         config.tie_word_embeddings = False
 
 
-def merged_model(loaded: LoadedModel, deltas: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of the model with ``adapter_deltas`` merged into its weights (the loaded model is untouched)."""
+def merged_model(loaded: LoadedModel, deltas: Deltas) -> nn.Module:
+    """A copy of the model with ``adapter_deltas`` merged into its weights (the loaded model is untouched).
+
+    A linear module's layout must be the one the adapter's ``fan_in_fan_out`` says: a square
+    Conv1D weight (GPT-2's ``attn.c_proj``) would take a wrongly flagged delta transposed, silently.
+    """
     model = copy.deepcopy(loaded.model)
     # A GGUF file loads dequantised but keeps its (unserialisable) quantizer: the copy is plain weights.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    for path, delta in deltas.items():
+    for path, delta in deltas.tensors.items():
         try:
             module = model.get_submodule(path)
         except AttributeError:
             raise LoraCompileError(f"the adapter targets {path}, which {loaded.name} lacks: wrong base model") from None
         if module is model.get_input_embeddings():
             _untie_output_embeddings(model)
+        elif is_transposed(module) != deltas.fan_in_fan_out:
+            layout = "[in, out] (a Conv1D)" if is_transposed(module) else "[out, in] (a Linear)"
+            raise LoraCompileError(
+                f"the adapter says fan_in_fan_out: {str(deltas.fan_in_fan_out).lower()}, but {path} stores its "
+                f"weight as {layout}: fix fan_in_fan_out in adapter_config.json"
+            )
         if tuple(delta.shape) != tuple(module.weight.shape):
             raise LoraCompileError(
                 f"the adapter's delta for {path} has shape {tuple(delta.shape)}, the model's weight "
@@ -81,9 +101,7 @@ def merged_model(loaded: LoadedModel, deltas: dict[str, torch.Tensor]) -> nn.Mod
     return model
 
 
-def write_merged(
-    loaded: LoadedModel, deltas: dict[str, torch.Tensor], out_dir: str | Path, force: bool = False
-) -> Path:
+def write_merged(loaded: LoadedModel, deltas: Deltas, out_dir: str | Path, force: bool = False) -> Path:
     """Write the merged model (safetensors, config, tokenizer) atomically to ``out_dir``."""
     model = merged_model(loaded, deltas)
     with atomic_dir(out_dir, force) as tmp:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .architectures import Architecture, architecture_for
+from .architectures import Architecture, architecture_for, writer_features
 from .devices import DEFAULT_DEVICE, model_dtype, resolve_device
 from .errors import LoraCompileError
 
@@ -69,6 +69,10 @@ class LoadedModel:
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
+
+    def in_features(self, path: str) -> int:
+        """Input size of a writer module (a Linear, or GPT-2's Conv1D with its weight stored [in, out])."""
+        return writer_features(self.module(path))[0]
 
     @property
     def is_local(self) -> bool:
@@ -206,7 +210,7 @@ def load_model(
     distributed.setup(device)
     source, kwargs, name, model_id = _source(model)
     config = load_config(model)
-    arch = architecture_for(config.model_type)
+    arch = architecture_for(config.model_type, config)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .architectures import Architecture, architecture_for, is_transposed, module_features
 from .errors import LoraCompileError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -83,6 +84,9 @@ class TargetProfile:
     max_rank: int | None = None  # None: no limit of the server's own
     rank_note: str = ""  # how to serve a larger rank, or where the limit comes from
     target_modules: frozenset[str] | None = None  # short module names allowed; None: any module of the model
+    # The server takes LoRA on each family's own projections (architectures table ``lora_modules``):
+    # with the base model known, those names replace ``target_modules`` (kept for an unknown base).
+    family_modules: bool = False
     features: frozenset[str] = frozenset()  # entries of FEATURES the server implements
     serve_dtypes: tuple[str, ...] = _FP16_SERVERS  # dtypes the server may cast the adapter to (range check)
     required: tuple[str, ...] = ("r", "lora_alpha", "target_modules")
@@ -120,6 +124,7 @@ PROFILES: dict[str, TargetProfile] = {
             rank_note="Fireworks needs r ≥ 4, vLLM's default --max-lora-rank is 16",
             every_layer=True,
             target_modules=_LLAMA_PROJECTIONS,
+            family_modules=True,
             embedding_lora=False,
             target_modules_list=True,
             alpha_equals_rank=True,
@@ -148,12 +153,14 @@ PROFILES: dict[str, TargetProfile] = {
             "lorax",
             every_layer=True,
             target_modules=_LLAMA_PROJECTIONS,
+            family_modules=True,
             embedding_lora=False,
         ),
         TargetProfile(
             "tgi",
             every_layer=True,
             target_modules=_LLAMA_PROJECTIONS,
+            family_modules=True,
             embedding_lora=False,
         ),
         TargetProfile(
@@ -273,13 +280,49 @@ def _shape_problems(adapter: Adapter, base: torch.nn.Module | None, rank: int) -
         except AttributeError:
             problems.append(f"tensor {key}: the base model has no module {module}")
             continue
-        if isinstance(layer, torch.nn.Embedding):
-            in_dim, out_dim = layer.num_embeddings, layer.embedding_dim
-        else:
-            in_dim, out_dim = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
-        expected = [r, in_dim] if is_a else [out_dim, r]
-        if None not in expected and list(value.shape) != expected:
+        features = module_features(layer)
+        if features is None:
+            problems.append(f"tensor {key}: {module} is a {type(layer).__name__}, not a module LoRA takes")
+            continue
+        expected = [r, features[0]] if is_a else [features[1], r]
+        if list(value.shape) != expected:
             problems.append(f"tensor {key} has shape {list(value.shape)}, the base model needs {expected}")
+    return problems
+
+
+def _architecture(base: torch.nn.Module | None) -> Architecture | None:
+    """The architecture table's entry for the base model, None where unknown (any PEFT adapter may be linted)."""
+    config = getattr(base, "config", None)
+    if config is None:
+        return None
+    try:
+        return architecture_for(config.model_type, config)
+    except LoraCompileError:
+        return None
+
+
+def _layout_problems(config: dict, modules: set[str], base: torch.nn.Module | None) -> list[str]:
+    """``fan_in_fan_out`` against the targeted modules' weight layout (GPT-2's Conv1D stores [in, out]).
+
+    PEFT corrects a wrong flag with a warning when it loads the adapter, but merges (PEFT's
+    ``merge_and_unload`` before that correction, ours, a server folding weights) transpose by it.
+    """
+    if base is None:
+        return []
+    flag = bool(config.get("fan_in_fan_out", False))
+    problems = []
+    for module in sorted(modules):
+        try:
+            layer = base.get_submodule(module)
+        except AttributeError:
+            continue  # reported by the shape checks
+        if isinstance(layer, torch.nn.Embedding) or module_features(layer) is None:
+            continue
+        if is_transposed(layer) != flag:
+            kind = "a Conv1D (weight [in, out])" if is_transposed(layer) else "a Linear (weight [out, in])"
+            problems.append(
+                f"fan_in_fan_out is {str(flag).lower()} but {module} is {kind}: set it to {str(not flag).lower()}"
+            )
     return problems
 
 
@@ -321,11 +364,15 @@ def lint(adapter: Adapter, prof: TargetProfile, base: torch.nn.Module | None = N
     shorts = {_short(m) for m in modules}
     if isinstance(targets, list) and shorts - target_set:
         problems.append(f"tensors for modules {sorted(shorts - target_set)} not in target_modules")
-    if prof.target_modules is not None and (shorts | target_set) - prof.target_modules:
+    arch = _architecture(base)
+    allowed_modules = arch.lora_modules if arch is not None and prof.family_modules else prof.target_modules
+    if allowed_modules is not None and (shorts | target_set) - allowed_modules:
+        family = f" for {arch.name}" if arch is not None and prof.family_modules else ""
         problems.append(
-            f"modules {sorted((shorts | target_set) - prof.target_modules)} are not among {prof.name}'s "
-            f"LoRA targets ({', '.join(sorted(prof.target_modules))})"
+            f"modules {sorted((shorts | target_set) - allowed_modules)} are not among {prof.name}'s "
+            f"LoRA targets{family} ({', '.join(sorted(allowed_modules))})"
         )
+    problems += _layout_problems(config, modules, base)
     for module in sorted(modules):
         for kind in ("A", "B"):
             if not any(k.startswith(f"{KEY_PREFIX}{module}.lora_") and f"_{kind}" in k for k in tensors):

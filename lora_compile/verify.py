@@ -231,7 +231,8 @@ def verify(
             position = torch.arange(m.shape[1], device=m.device).expand_as(m)
             for layer in vector.layers:
                 target = (coef * vector.directions[layer]).to(loaded.device, torch.float64)
-                added = sum(deltas[w].double() for w in loaded.arch.writers(vector.site, layer))
+                # [B, T, d] (OPT's MLP writers see the tokens flattened to [B·T, d])
+                added = sum(deltas[w].double().reshape(*m.shape, -1) for w in loaded.arch.writers(vector.site, layer))
                 err = (added - target).norm(dim=-1) / target.norm()
                 rel.append(err[m & (position > 0)].cpu())
                 rel_first.append(err[m & (position == 0)].cpu())

@@ -128,12 +128,12 @@ def tiny_tied(tiny_tied_dir) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory, smol_tokenizer) -> str:
-    """A tiny GPT-2: an architecture this release does not support."""
-    from transformers import GPT2Config
+def unsupported_dir(tmp_path_factory, smol_tokenizer) -> str:
+    """A tiny BLOOM: an architecture the table does not have."""
+    from transformers import BloomConfig
 
-    config = GPT2Config(vocab_size=SMOL_VOCAB, n_embd=32, n_layer=2, n_head=2)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, smol_tokenizer)
+    config = BloomConfig(vocab_size=SMOL_VOCAB, hidden_size=32, n_layer=2, n_head=2)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bloom"), config, smol_tokenizer)
 
 
 class Bounds:

@@ -93,12 +93,12 @@ def test_extract_and_scan(tiny_dir, tmp_path, texts):
     assert len(data["sites"]) == 8 and (scan_dir / "scan.png").stat().st_size > 1000
 
 
-def test_unsupported_architecture(gpt2_dir, tmp_path, texts):
+def test_unsupported_architecture(unsupported_dir, tmp_path, texts):
     vec = _vector(tmp_path, {1: torch.randn(32)})
     _fails(
-        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", gpt2_dir, *texts],
+        ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", unsupported_dir, *texts],
         tmp_path,
-        "unsupported architecture 'gpt2'",
+        "unsupported architecture 'bloom'",
     )
 
 

@@ -32,9 +32,9 @@ def test_tiny_directory_loads(tiny):
     assert tiny.num_layers == 4 and tiny.hidden_size == 64
 
 
-def test_unsupported_architecture_refused(gpt2_dir):
-    with pytest.raises(LoraCompileError, match="unsupported architecture 'gpt2'"):
-        load_model(gpt2_dir)
+def test_unsupported_architecture_refused(unsupported_dir):
+    with pytest.raises(LoraCompileError, match="unsupported architecture 'bloom'"):
+        load_model(unsupported_dir)
 
 
 def test_missing_files_refused(tmp_path):
