@@ -43,6 +43,18 @@ class SiteSpec:
     layers: tuple[int, ...] | None = None
     attention: str | None = None
     values: str | None = None
+    # Post-writer norms (Gemma 2/3, OLMo 2: ``x + post_norm(writer(h))``): the RMSNorm that
+    # normalises the writers' output before it joins the stream. A LoRA delta there is not
+    # additive, so compiling such a site is approximate (README "Post-writer norms").
+    post_norm: str | None = None
+    # An embedding module whose output is multiplied by a scale (Gemma: ``embed · √d``): the
+    # attribute holding it. PEFT and servers multiply the embedding LoRA's output by it too.
+    embed_scale: str | None = None
+
+    @property
+    def approximate(self) -> bool:
+        """A LoRA delta on the writers reaches the stream only through a norm: not exactly additive."""
+        return self.post_norm is not None
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,9 @@ class Architecture:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
+    # Gain of the post-writer norms: ``norm_gain_offset + weight`` (Gemma's RMSNorm: 1 + w; OLMo 2: w).
+    norm_gain_offset: float = 0.0
+    norm_eps_key: str = "rms_norm_eps"
 
     def site(self, site: str) -> SiteSpec:
         if site not in self.sites:
@@ -86,6 +101,24 @@ class Architecture:
     def hook_module(self, site: str, layer: int) -> str:
         return self.site_at(site, layer).hook.format(L=layer)
 
+    def post_norm(self, site: str, layer: int) -> str | None:
+        """The norm between the site's writers and the stream (None: the writers add straight in)."""
+        spec = self.site_at(site, layer)
+        return None if spec.post_norm is None else spec.post_norm.format(L=layer)
+
+    def approximate_reason(self, site: str) -> str | None:
+        """Why compiling ``site`` is only approximate (one line), or None where it is exact-additive."""
+        spec = self.site(site)
+        if not spec.approximate:
+            return None
+        writers = ", ".join(w.rsplit(".", 1)[-1] for w in spec.writers)
+        norm = spec.post_norm.rsplit(".", 1)[-1]
+        return (
+            f"{site} of {self.name} is written through a post-writer norm ({norm} after {writers}): "
+            "the LoRA's delta is normalised before it joins the residual stream, so the compiled "
+            "steering only approximates true addition"
+        )
+
     def fitted_sites(self) -> list[str]:
         """Sites whose compiled delta comes from a fitted direction (what ``scan`` maps)."""
         return [name for name, spec in self.sites.items() if not spec.embedding]
@@ -105,6 +138,33 @@ _LLAMA_SITES = {
     "resid_pre": SiteSpec(writers=("model.embed_tokens",), hook="model.embed_tokens", embedding=True, layers=(0,)),
 }
 
+# Gemma 2/3 and OLMo 2: every writer's output goes through its own RMSNorm before the residual add.
+# The hooks are those norms (their output is the stream's delta); no value route (it too would
+# pass through the norm). Gemma's embedding multiplies by √d (``embed_scale``); OLMo 2's does not.
+_GEMMA_SITES = {
+    "resid_post": SiteSpec(
+        writers=("model.layers.{L}.mlp.down_proj",),
+        hook="model.layers.{L}.post_feedforward_layernorm",
+        post_norm="model.layers.{L}.post_feedforward_layernorm",
+    ),
+    "resid_mid": SiteSpec(
+        writers=("model.layers.{L}.self_attn.o_proj",),
+        hook="model.layers.{L}.post_attention_layernorm",
+        post_norm="model.layers.{L}.post_attention_layernorm",
+    ),
+    "resid_pre": SiteSpec(
+        writers=("model.embed_tokens",),
+        hook="model.embed_tokens",
+        embedding=True,
+        layers=(0,),
+        embed_scale="embed_scale",
+    ),
+}
+_OLMO2_SITES = {
+    **{k: v for k, v in _GEMMA_SITES.items() if k != "resid_pre"},
+    "resid_pre": _LLAMA_SITES["resid_pre"],
+}
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         name="llama-family",
@@ -113,6 +173,25 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         num_layers_key="num_hidden_layers",
         hidden_size_key="hidden_size",
         sites=_LLAMA_SITES,
+    ),
+    # Gemma 3 text-only (270M, 1B; what a Gemma 3 GGUF loads as). The multimodal ``gemma3``
+    # (Gemma3ForConditionalGeneration: layers under model.language_model) is not in the table.
+    Architecture(
+        name="gemma2/gemma3",
+        model_types=("gemma2", "gemma3_text"),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_GEMMA_SITES,
+        norm_gain_offset=1.0,
+    ),
+    Architecture(
+        name="olmo2",
+        model_types=("olmo2",),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_OLMO2_SITES,
     ),
 )
 

@@ -229,8 +229,73 @@ def stream_writer_inputs(
             inputs = {}
             for site, layer in keys:
                 parts = [captured[w] for w in loaded.arch.writers(site, layer)]
-                inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+                x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+                if loaded.arch.post_norm(site, layer) is not None:
+                    x = x.float() / writer_output_rms(loaded, (site, layer), x)
+                inputs[(site, layer)] = x
             yield batch, mask.bool(), inputs
+
+
+def post_norm_gain(loaded: LoadedModel, key: SiteKey) -> tuple[torch.Tensor, float]:
+    """(gain [d] float64, eps) of the norm between the site's writers and the stream (architectures table)."""
+    norm = loaded.module(loaded.arch.post_norm(*key))
+    gain = loaded.arch.norm_gain_offset + norm.weight.detach().to(torch.float64).cpu()
+    return gain, float(getattr(loaded.model.config, loaded.arch.norm_eps_key))
+
+
+def writer_output_rms(loaded: LoadedModel, key: SiteKey, x: torch.Tensor) -> torch.Tensor:
+    """``rms(y) = √(mean(y²) + eps)`` [..., 1] float32 of the writers' summed output ``y`` for inputs ``x``.
+
+    At a post-norm site the fit is on ``x / rms(y)``: ``a·x/rms(y) ≈ 1`` makes the LoRA add
+    ``rms(y)·β``, the delta the norm turns into ``≈ s`` (README "Post-writer norms"). Recomputed from
+    the weights (not hooked), so it is the unsteered output even where compiled deltas are active.
+    """
+    writers = loaded.arch.writers(*key)
+    parts = torch.split(x.float(), [loaded.module(w).in_features for w in writers], dim=-1)
+    y = 0.0
+    for w, part in zip(writers, parts):
+        m = loaded.module(w)
+        y = y + torch.nn.functional.linear(part, m.weight.float(), None if m.bias is None else m.bias.float())
+    _, eps = post_norm_gain(loaded, key)
+    return torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def writer_outputs(loaded: LoadedModel, samples: list[Sample], key: SiteKey, max_tokens: int = 4096) -> torch.Tensor:
+    """The post-norm's inputs ``y`` (the writers' summed output) on up to ``max_tokens`` tokens, [n, d] float64."""
+    norm = loaded.module(loaded.arch.post_norm(*key))
+    seen: list[torch.Tensor] = []
+    kept = 0
+
+    def keep(_module, args):
+        seen.append(args[0].detach())
+
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    token_lists = encode(loaded, samples)
+    handles = [
+        norm.register_forward_pre_hook(keep),
+        loaded.module(loaded.arch.layer_module(key[1])).register_forward_hook(stop),
+    ]
+    out = []
+    try:
+        with torch.no_grad():
+            for _, ids, mask in _batches(token_lists, loaded.tokenizer.pad_token_id, BATCH_TOKENS):
+                seen.clear()
+                try:
+                    ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+                    loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                y = seen[0][mask.bool().to(seen[0].device)].to(torch.float64).cpu()
+                out.append(y)
+                kept += y.shape[0]
+                if kept >= max_tokens:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(out)[:max_tokens]
 
 
 def site_dim(loaded: LoadedModel, key: SiteKey) -> int:

@@ -293,6 +293,14 @@ def compile_cmd(
     merge: MergeOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
+    approximate: Annotated[
+        bool,
+        typer.Option(
+            "--approximate",
+            help="Compile a site behind a post-writer norm (Gemma 2/3, OLMo 2), where a LoRA delta is "
+            "normalised before it joins the stream: approximate, check it with verify.",
+        ),
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
@@ -319,6 +327,7 @@ def compile_cmd(
             merge_dir=merge,
             device=device,
             model_dtype=model_dtype,
+            approximate=approximate,
         )
         print_compile(result.report)
         print_memory(result.report["memory"])
@@ -359,6 +368,15 @@ def print_compile(report: dict) -> None:
             f"{worst} {_fmt(domains[worst])}",
         )
     out.print(table)
+    if report.get("approximate"):
+        out.print(f"approximate: {report['approximate']}")
+        for x in report["layers"]:
+            p = x["post_norm"]
+            out.print(
+                f"  layer {x['layer']}: error of the delta through {p['module']} on calibration tokens "
+                f"{_fmt(p['site_error'])} (first-order s/g: {_fmt(p['site_error_first_order'])}), "
+                "on top of the fit error above"
+            )
 
 
 @app.command()
