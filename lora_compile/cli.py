@@ -161,6 +161,8 @@ def print_scan(result: dict) -> None:
     out.print(f"median axis/ridge error: {ratios}")
     recs = "; ".join(f"{r['site']} {r['layer']} (rms {_fmt(r['rms'])})" for r in result["recommended"])
     out.print(f"[bold]recommended sites:[/bold] {recs}")
+    for reason in result.get("approximate", {}).values():
+        out.print(f"approximate: {reason} (compile needs --approximate)")
 
 
 def verify_table(report: VerifyReport) -> Table:

@@ -15,6 +15,8 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from lora_compile import api, corpus
@@ -29,6 +31,18 @@ def heldout_subset(per_domain: int = 2) -> list[corpus.Sample]:
             out.append(s)
             seen[s.domain] = seen.get(s.domain, 0) + 1
     return out
+
+
+@contextmanager
+def ignoring_the_norm(loaded, site: str):
+    """The table entry with the site's post-norm forgotten: what a compiler that knows only Llama would emit
+    (a·h ≈ 1 on the raw writer inputs, B = s). True addition still hooks the norm's output."""
+    arch = loaded.arch
+    loaded.arch = replace(arch, sites={**arch.sites, site: replace(arch.sites[site], post_norm=None)})
+    try:
+        yield
+    finally:
+        loaded.arch = arch
 
 
 def main(out_dir: str) -> None:
@@ -52,20 +66,23 @@ def main(out_dir: str) -> None:
     results = {"separability": vector.metadata.get("separability"), "runs": []}
     picks = [(best["site"], best["layer"], "recommended"), (median["site"], median["layer"], "median")]
     picks.append(("resid_pre", 0, "embedding (exact)"))
+    picks += [(site, layer, f"{why}, norm ignored") for site, layer, why in picks[:2]]
     for site, layer, why in picks:
         source = 0 if site == "resid_pre" else layer
         steering = SteeringVector({layer: vector.directions[source]}, site, dict(vector.metadata))
-        adapter = out / f"adapter-{site}-{layer}"
+        naive = why.endswith("norm ignored")
+        adapter = out / f"adapter-{site}-{layer}{'-naive' if naive else ''}"
         t0 = time.time()
-        compiled = api.compile_adapter(
-            steering,
-            adapter,
-            loaded,
-            calibration=calibration,
-            approximate=site != "resid_pre",
-            target="peft",
-            force=True,
-        )
+        with ignoring_the_norm(loaded, site) if naive else contextmanager(lambda: (yield))():
+            compiled = api.compile_adapter(
+                steering,
+                adapter,
+                loaded,
+                calibration=None if naive else calibration,
+                approximate=site != "resid_pre",
+                target="peft",
+                force=True,
+            )
         check = api.verify_adapter(adapter, steering, loaded, prompts=held, generations=1, max_new_tokens=24)
         layer_report = compiled.report["layers"][0]
         run = {

@@ -252,3 +252,15 @@ def test_planted_structure_compiles_to_true_addition(family_dirs, tmp_path, boun
     check = api.verify_adapter(tmp_path / "adapter", steering, loaded, prompts=[held], generations=0)
     bound("delta_rel_error", check.delta_rel_error, 1e-4)
     bound("kl_ratio", check.kl_ratio, 1e-6)
+
+
+def test_scan_maps_post_norm_sites_and_says_they_are_approximate(family_dirs, tmp_path):
+    (cal,), (held,) = _texts(tmp_path)
+    result = CliRunner().invoke(
+        app, ["scan", "--model", family_dirs["olmo2"], "--texts", str(cal), "--heldout", str(held), "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    scan = json.loads((tmp_path / "scan.json").read_text())
+    assert sorted(scan["approximate"]) == ["resid_mid", "resid_post"]
+    assert {(r["site"], r["layer"]) for r in scan["sites"]} == {(s, k) for s in scan["approximate"] for k in (0, 1)}
+    assert "compile needs --approximate" in " ".join(result.output.split())  # the console wraps long lines
