@@ -18,14 +18,16 @@ from .calibrate import (
     calibrate_sequential,
     compiled_deltas,
     exact_projections,
+    post_norm_gain,
     project_inputs,
     self_generate,
+    writer_outputs,
 )
 from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, PeakMemory, peak_memory
 from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
-from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors
+from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors, fit_post_norm_vector
 from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .momentsfile import load_moments, model_fingerprint, read_header, save_moments
@@ -441,6 +443,7 @@ def compile_adapter(
     device: str = DEFAULT_DEVICE,
     model_dtype: str = DEFAULT_MODEL_DTYPE,
     moments: MomentsArg = None,
+    approximate: bool = False,
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
@@ -459,6 +462,8 @@ def compile_adapter(
     peak memory of the compile. ``moments``: moments files (``calibrate_moments``) to fit from
     instead of calibrating (sequential multi-layer: they serve the first layer, as ``calibration``).
     Under torchrun the ranks share the calibration; rank 0 measures the held-out error and writes.
+    ``approximate``: compile a site behind a post-writer norm (Gemma 2/3,
+    OLMo 2), refused otherwise; the report's ``post_norm`` says what the construction achieves.
     """
     check_writable(out_dir, force)
     if merge_dir is not None:
@@ -477,6 +482,7 @@ def compile_adapter(
             loaded, steering, out_dir, prof, peak, coef=coef, direction=direction, ridge=ridge, texts=texts,
             heldout=heldout, self_generated=self_generated, seed=seed, force=force, calibration=calibration,
             dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir, moments=moments,
+            approximate=approximate,
         )  # fmt: skip
 
 
@@ -501,6 +507,7 @@ def _compile(
     sequential: bool,
     merge_dir: str | Path | None,
     moments: MomentsArg = None,
+    approximate: bool = False,
 ) -> CompileResult:
     warnings = []
     if base_model_id is None and loaded.is_local:
@@ -510,9 +517,28 @@ def _compile(
         )
     loaded.arch.site(steering.site)
     steering.validate(loaded)
+    reason = loaded.arch.approximate_reason(steering.site)
+    if reason is not None and not approximate:
+        raise LoraCompileError(f"{reason}: pass --approximate to compile it anyway and measure it with verify")
     keys = [(steering.site, layer) for layer in steering.layers]
     vectors = {k: coef * steering.directions[k[1]] for k in keys}
     lambdas: dict = {}
+    samples_cache: list = []
+
+    def samples() -> list[corpus.Sample]:
+        if not samples_cache:
+            samples_cache.append(calibration_samples(loaded, texts, self_generated, seed))
+        return samples_cache[0]
+
+    # Behind a post-writer norm the LoRA adds (a·x)·β with x = h/rms(y): β is chosen so the norm
+    # turns rms(y)·β into ≈ s (fit.fit_post_norm_vector), on the unsteered model's writer outputs.
+    writer_vectors = dict(vectors)
+    post_norm_fits = {}
+    if reason is not None:
+        for k in keys:
+            gain, eps = post_norm_gain(loaded, k)
+            post_norm_fits[k] = fit_post_norm_vector(writer_outputs(loaded, samples(), k), gain, eps, vectors[k])
+            writer_vectors[k] = post_norm_fits[k].vector
 
     def fit(key, moments):
         lambdas[key] = ridge if ridge is not None else choose_ridge(moments)
@@ -535,21 +561,20 @@ def _compile(
             needed = sorted(keys, key=lambda k: (k[1], k[0]))[:1] if sequential else keys
             calibration, files = _file_calibration(moments, loaded, needed)
         if sequential:
-            samples = calibration_samples(loaded, texts, self_generated, seed)
-            calibration, directions = calibrate_sequential(loaded, samples, vectors, fit, calibration)
+            calibration, directions = calibrate_sequential(loaded, samples(), writer_vectors, fit, calibration)
         else:
             if calibration is None or not set(keys) <= calibration.moments.keys():
-                calibration = calibrate(loaded, calibration_samples(loaded, texts, self_generated, seed), keys)
+                calibration = calibrate(loaded, samples(), keys)
             directions = {k: fit(k, calibration.moments[k]) for k in keys}
         if not distributed.is_main():  # the other torchrun ranks only helped calibrate
             return CompileResult(Path(out_dir), {})
-        with compiled_deltas(loaded, {k: (directions[k], vectors[k]) for k in keys}):
+        with compiled_deltas(loaded, {k: (directions[k], writer_vectors[k]) for k in keys}):
             projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     directions = {k: d.cpu() for k, d in directions.items()}  # fitted where the moments were; emitted on the CPU
     steered, layer_reports = [], []
     for key in keys:
         vec = vectors[key]
-        steered.append(SiteWeights(key[0], key[1], directions[key], vec))
+        steered.append(SiteWeights(key[0], key[1], directions[key], writer_vectors[key]))
         layer_reports.append(
             {
                 "layer": key[1],
@@ -560,6 +585,12 @@ def _compile(
                 "ridge": lambdas.get(key) if direction == "ridge" else None,
             }
         )
+        if key in post_norm_fits:
+            layer_reports[-1]["post_norm"] = {
+                "module": loaded.arch.post_norm(*key),
+                "writer_vector_norm": float(writer_vectors[key].norm()),
+                **post_norm_fits[key].to_dict(),
+            }
     tensors = adapter_tensors(loaded, steered, prof, dtype)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
     base_model = base_model_id or loaded.model_id
@@ -574,6 +605,7 @@ def _compile(
         "direction": direction,
         "sequential": sequential,
         "exact": exact,
+        "approximate": reason,
         "calibration": {
             "tokens": calibration.tokens,
             "domains": calibration.domains,

@@ -42,9 +42,9 @@ class SiteSpec:
     Several ``writers`` (parallel blocks: attention and MLP both add into ``resid_post``):
     one direction is fitted over their concatenated inputs and split between them, each
     writer's LoRA with the same B, so the deltas add up to ``(b·x) s``.
-    ``additive``: a LoRA delta on the writers reaches the residual stream unchanged (nothing
-    between the writers' outputs and the stream but dropout and the residual sum), so the
-    compiled adapter adds ``(b·x) s`` exactly; its only error is ``b·x − 1``.
+    Unless ``post_norm`` is set, a LoRA delta on the writers reaches the residual stream
+    unchanged (nothing between the writers' outputs and the stream but dropout and the residual
+    sum), so the compiled adapter adds ``(b·x) s`` exactly; its only error is ``b·x − 1``.
     """
 
     writers: tuple[str, ...]
@@ -53,7 +53,18 @@ class SiteSpec:
     layers: tuple[int, ...] | None = None
     attention: str | None = None
     values: str | None = None
-    additive: bool = True
+    # Post-writer norms (Gemma 2/3, OLMo 2: ``x + post_norm(writer(h))``): the RMSNorm that
+    # normalises the writers' output before it joins the stream. A LoRA delta there is not
+    # additive, so compiling such a site is approximate (README "Post-writer norms").
+    post_norm: str | None = None
+    # An embedding module whose output is multiplied by a scale (Gemma: ``embed · √d``): the
+    # attribute holding it. PEFT and servers multiply the embedding LoRA's output by it too.
+    embed_scale: str | None = None
+
+    @property
+    def approximate(self) -> bool:
+        """A LoRA delta on the writers reaches the stream only through a norm: not exactly additive."""
+        return self.post_norm is not None
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,9 @@ class Architecture:
     # Sites this family has in the residual stream but a LoRA cannot write exactly: site -> reason.
     refused_sites: Mapping[str, str] = field(default_factory=dict)
     notes: str = ""  # what a user should know (README's table)
+    # Gain of the post-writer norms: ``norm_gain_offset + weight`` (Gemma's RMSNorm: 1 + w; OLMo 2: w).
+    norm_gain_offset: float = 0.0
+    norm_eps_key: str = "rms_norm_eps"
 
     def site(self, site: str) -> SiteSpec:
         if site in self.refused_sites:
@@ -111,6 +125,24 @@ class Architecture:
 
     def hook_module(self, site: str, layer: int) -> str:
         return self.site_at(site, layer).hook.format(L=layer)
+
+    def post_norm(self, site: str, layer: int) -> str | None:
+        """The norm between the site's writers and the stream (None: the writers add straight in)."""
+        spec = self.site_at(site, layer)
+        return None if spec.post_norm is None else spec.post_norm.format(L=layer)
+
+    def approximate_reason(self, site: str) -> str | None:
+        """Why compiling ``site`` is only approximate (one line), or None where it is exact-additive."""
+        spec = self.site(site)
+        if not spec.approximate:
+            return None
+        writers = ", ".join(w.rsplit(".", 1)[-1] for w in spec.writers)
+        norm = spec.post_norm.rsplit(".", 1)[-1]
+        return (
+            f"{site} of {self.name} is written through a post-writer norm ({norm} after {writers}): "
+            "the LoRA's delta is normalised before it joins the residual stream, so the compiled "
+            "steering only approximates true addition"
+        )
 
     def fitted_sites(self) -> list[str]:
         """Sites whose compiled delta comes from a fitted direction (what ``scan`` maps)."""
@@ -178,6 +210,33 @@ def _falcon_parallel(config: Any) -> bool:
 def _opt_embeddings_projected(config: Any) -> bool:
     return getattr(config, "word_embed_proj_dim", None) not in (None, getattr(config, "hidden_size", None))
 
+
+# Gemma 2/3 and OLMo 2: every writer's output goes through its own RMSNorm before the residual add.
+# The hooks are those norms (their output is the stream's delta); no value route (it too would
+# pass through the norm). Gemma's embedding multiplies by √d (``embed_scale``); OLMo 2's does not.
+_GEMMA_SITES = {
+    "resid_post": SiteSpec(
+        writers=("model.layers.{L}.mlp.down_proj",),
+        hook="model.layers.{L}.post_feedforward_layernorm",
+        post_norm="model.layers.{L}.post_feedforward_layernorm",
+    ),
+    "resid_mid": SiteSpec(
+        writers=("model.layers.{L}.self_attn.o_proj",),
+        hook="model.layers.{L}.post_attention_layernorm",
+        post_norm="model.layers.{L}.post_attention_layernorm",
+    ),
+    "resid_pre": SiteSpec(
+        writers=("model.embed_tokens",),
+        hook="model.embed_tokens",
+        embedding=True,
+        layers=(0,),
+        embed_scale="embed_scale",
+    ),
+}
+_OLMO2_SITES = {
+    **{k: v for k, v in _GEMMA_SITES.items() if k != "resid_pre"},
+    "resid_pre": _LLAMA_SITES["resid_pre"],
+}
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
@@ -330,6 +389,29 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ),
         lora_modules=frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
         notes="parallel_attn: false and not new_decoder_architecture",
+    ),
+    # Gemma 3 text-only (270M, 1B; what a Gemma 3 GGUF loads as). The multimodal ``gemma3``
+    # (Gemma3ForConditionalGeneration: layers under model.language_model) is not in the table.
+    Architecture(
+        name="gemma2/gemma3",
+        model_types=("gemma2", "gemma3_text"),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_GEMMA_SITES,
+        lora_modules=_LLAMA_MODULES,
+        norm_gain_offset=1.0,
+        notes="post-writer norms: resid_mid/resid_post approximate (--approximate); embedding scaled by √d",
+    ),
+    Architecture(
+        name="olmo2",
+        model_types=("olmo2",),
+        layers="model.layers",
+        num_layers_key="num_hidden_layers",
+        hidden_size_key="hidden_size",
+        sites=_OLMO2_SITES,
+        lora_modules=_LLAMA_MODULES,
+        notes="post-writer norms: resid_mid/resid_post approximate (--approximate)",
     ),
 )
 

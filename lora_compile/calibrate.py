@@ -469,8 +469,50 @@ def stream_writer_inputs(
         for site, layer in keys:
             # [B, T, d]: some blocks (OPT's MLP) run their writers on the flattened [B·T, d] tokens.
             parts = [captured[w].reshape(*mask.shape, -1) for w in loaded.arch.writers(site, layer)]
-            inputs[(site, layer)] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            if loaded.arch.post_norm(site, layer) is not None:
+                x = x.float() / writer_output_rms(loaded, (site, layer), x)
+            inputs[(site, layer)] = x
         yield batch, mask, inputs
+
+
+def post_norm_gain(loaded: LoadedModel, key: SiteKey) -> tuple[torch.Tensor, float]:
+    """(gain [d] float64, eps) of the norm between the site's writers and the stream (architectures table)."""
+    norm = loaded.module(loaded.arch.post_norm(*key))
+    gain = loaded.arch.norm_gain_offset + norm.weight.detach().to(torch.float64).cpu()
+    return gain, float(getattr(loaded.model.config, loaded.arch.norm_eps_key))
+
+
+def writer_output_rms(loaded: LoadedModel, key: SiteKey, x: torch.Tensor) -> torch.Tensor:
+    """``rms(y) = √(mean(y²) + eps)`` [..., 1] float32 of the writers' summed output ``y`` for inputs ``x``.
+
+    At a post-norm site the fit is on ``x / rms(y)``: ``a·x/rms(y) ≈ 1`` makes the LoRA add
+    ``rms(y)·β``, the delta the norm turns into ``≈ s`` (README "Post-writer norms"). Recomputed from
+    the weights (not hooked), so it is the unsteered output even where compiled deltas are active.
+    """
+    writers = loaded.arch.writers(*key)
+    parts = torch.split(x.float(), [loaded.module(w).in_features for w in writers], dim=-1)
+    y = 0.0
+    for w, part in zip(writers, parts):
+        m = loaded.module(w)
+        y = y + torch.nn.functional.linear(part, m.weight.float(), None if m.bias is None else m.bias.float())
+    _, eps = post_norm_gain(loaded, key)
+    return torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def writer_outputs(loaded: LoadedModel, samples: list[Sample], key: SiteKey, max_tokens: int = 4096) -> torch.Tensor:
+    """The post-norm's inputs ``y`` (the writers' summed output) on up to ``max_tokens`` tokens, [n, d] float64."""
+    norm = loaded.arch.post_norm(*key)
+    out, kept = [], 0
+    captures = stream_captured(loaded, encode(loaded, samples), key[1], [norm], (), "reading writer outputs")
+    for _, mask, captured in captures:
+        y = captured[norm][mask.to(captured[norm].device)].to(torch.float64).cpu()
+        out.append(y)
+        kept += y.shape[0]
+        if kept >= max_tokens:
+            captures.close()
+            break
+    return torch.cat(out)[:max_tokens]
 
 
 def site_dim(loaded: LoadedModel, key: SiteKey) -> int:

