@@ -55,6 +55,10 @@ class Architecture:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
+    # The model's forward takes ``inputs_embeds`` as the residual stream as it is (no scaling, no
+    # position embeddings added), so running the decoder layers from L on cached inputs of layer L
+    # gives the full model's logits: refinement then skips the layers below the first steered one.
+    embeds_are_stream: bool = False
 
     def site(self, site: str) -> SiteSpec:
         if site not in self.sites:
@@ -113,6 +117,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         num_layers_key="num_hidden_layers",
         hidden_size_key="hidden_size",
         sites=_LLAMA_SITES,
+        embeds_are_stream=True,
     ),
 )
 
