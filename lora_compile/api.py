@@ -310,6 +310,14 @@ def _model_card(report: dict) -> str:
         if report.get("exact")
         else f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}."
     )
+    refined = report.get("refine")
+    if refined:
+        adapters = refined["heldout"]["adapters"]
+        how += (
+            f" Refined by gradient descent on KL(true addition ‖ adapter) ({refined['steps']} steps; kept the "
+            f"{refined['kept'].replace('_', ' ')}): held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g} "
+            f"(closed form) → {adapters['refined']['kl_ratio']:.3g}; the fit-error columns are the closed form's."
+        )
     lines += [
         "",
         "The RMS column is the predicted relative error of the added vector per token. "

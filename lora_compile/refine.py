@@ -135,7 +135,7 @@ class _Batch:
     inputs: torch.Tensor  # input of layer ``first`` [B, T, d] (or token ids [B, T] when layers are not skipped)
     mask: torch.Tensor  # [B, T] long
     samples: list[int]  # indices of the batch's samples
-    target: torch.Tensor | None = None  # true-addition log-probs at the batch's tokens [n, V]
+    target: torch.Tensor | None = None  # true-addition logits at the batch's tokens [n, V]
 
 
 class _Runner:
@@ -184,14 +184,16 @@ class _Runner:
         return out[batch.mask.bool()]
 
 
-def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(target ‖ softmax(logits))."""
-    logq = F.log_softmax(logits.float(), -1)
-    return (target_logp.exp() * (target_logp - logq)).sum(-1)
+def _kl(target: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token KL(softmax(target) ‖ softmax(logits)), both logits, computed in ``dtype``.
 
-
-def _logp(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), -1)
+    Training takes float32 (its gradient ``q − p`` is accurate there); measurements take float64,
+    as ``verify`` does: a KL of 1e-6 is a difference of two entropies of ~5, which float32 rounds
+    by ~1e-6.
+    """
+    logp = F.log_softmax(target.to(dtype), -1)
+    logq = F.log_softmax(logits.to(dtype), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 @contextmanager
@@ -309,15 +311,15 @@ def train_lora(
         with torch.no_grad():
             for batch in train_batches + val_batches:
                 with true_addition(loaded, vector, coef):
-                    batch.target = _logp(runner.logits(batch))
+                    batch.target = runner.logits(batch)
             for batch in val_batches:
-                kl_unsteered += float(_kl(batch.target, runner.logits(batch)).double().sum())
+                kl_unsteered += float(_kl(batch.target, runner.logits(batch), torch.float64).sum())
         val_tokens = sum(int(b.mask.sum()) for b in val_batches)
         kl_unsteered = max(kl_unsteered / val_tokens, 1e-30)
 
         def evaluate() -> float:
             with torch.no_grad():
-                total = sum(float(_kl(b.target, runner.logits(b)).double().sum()) for b in val_batches)
+                total = sum(float(_kl(b.target, runner.logits(b), torch.float64).sum()) for b in val_batches)
             return total / val_tokens / kl_unsteered
 
         _set(params, initial)
@@ -407,11 +409,11 @@ def heldout_kl(
             _set(params, None)
             plain = runner.logits(batch)
             with true_addition(loaded, vector, coef):
-                target = _logp(runner.logits(batch))
-            kl_u.append(_kl(target, plain).double().cpu())
+                target = runner.logits(batch)
+            kl_u.append(_kl(target, plain, torch.float64).cpu())
             for name, factors in adapters.items():
                 _set(params, factors)
-                kl_a[name].append(_kl(target, runner.logits(batch)).double().cpu())
+                kl_a[name].append(_kl(target, runner.logits(batch), torch.float64).cpu())
             for row, i in enumerate(ids_batch):
                 domains += [samples[i].domain] * int(mask[row].sum())
     unsteered = torch.cat(kl_u)
