@@ -55,9 +55,11 @@ class RefineOptions:
     max_tokens: int = 128  # tokens per sample
     eval_every: int = 8  # steps between evaluations on the validation split
     patience: int = 2  # evaluations without improvement before stopping
-    # Adam's learning rate. None: 0.02 × the RMS of each initial tensor for the closed form (a step
-    # moves each factor by ~2% of its size), 1e-3 for the standard init (B starts at zero, no scale).
+    # Adam's learning rate. None: ``lr_scale`` × the RMS of each initial tensor for the closed form (a
+    # step moves each factor's entries by about that fraction of their size), 1e-3 for the standard
+    # init (B starts at zero: no scale to take).
     lr: float | None = None
+    lr_scale: float = 0.02
     rank: int = 1  # extra rank beyond the closed form's 1 starts as A random, B = 0 (adds nothing)
     seed: int = 0
 
@@ -330,7 +332,7 @@ def train_lora(
                 if options.lr is not None:
                     lrs[p] = options.lr
                 elif init == "closed_form" and scale > 0:
-                    lrs[p] = 0.02 * scale
+                    lrs[p] = options.lr_scale * scale
                 else:
                     lrs[p] = 1e-3
         optimiser = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in lrs.items()])

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--layers", default="10")
     parser.add_argument("--coef", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=RefineOptions.steps)
+    parser.add_argument("--lr-scale", type=float, default=RefineOptions.lr_scale, help="refinement's relative rate")
     parser.add_argument("--train", action="store_true", help="also train the first site from PEFT's standard init")
     parser.add_argument("--train-lr", type=float, default=None, help="Adam's lr for the standard init (default 1e-3)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
@@ -47,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     sites = args.sites.split(",")
     layers = [int(x) for x in args.layers.split(",")]
-    options = RefineOptions(steps=args.steps)
+    options = RefineOptions(steps=args.steps, lr_scale=args.lr_scale)
 
     loaded = load_model(device="cpu")
     vector = api.extract_vector(demo_pairs_path(), layers, loaded)
