@@ -59,7 +59,7 @@ class RefineOptions:
     # step moves each factor's entries by about that fraction of their size), 1e-3 for the standard
     # init (B starts at zero: no scale to take).
     lr: float | None = None
-    lr_scale: float = 0.02
+    lr_scale: float = 0.003  # 0.02 overshot at resid_mid 10 (README "Refinement")
     rank: int = 1  # extra rank beyond the closed form's 1 starts as A random, B = 0 (adds nothing)
     seed: int = 0
 
