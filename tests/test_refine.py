@@ -15,8 +15,11 @@ from lora_compile.refine import RefineOptions, _Batch, _Runner, train_lora
 from lora_compile.targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROFILES
 from lora_compile.vectors import SteeringVector, save_vector
 
-# A budget that keeps each tiny compile to a second or two.
-FAST = RefineOptions(steps=6, batch_samples=2, train_samples=6, val_samples=3, max_tokens=32, eval_every=2)
+# A budget that keeps each tiny compile to a second or two; a random model's closed form is far off,
+# so larger steps than the default's.
+FAST = RefineOptions(
+    steps=6, batch_samples=2, train_samples=6, val_samples=3, max_tokens=32, eval_every=2, lr_scale=0.02
+)
 # The shipped calibration corpus: varied enough that the tiny model's closed form leaves room to refine.
 TEXTS = corpus.default_calibration()
 HELDOUT = [
