@@ -15,6 +15,7 @@ from .api import (
 from .errors import LoraCompileError
 from .extract import ContrastPair, read_pairs
 from .models import LoadedModel, load_model
+from .refine import RefineOptions, train_lora
 from .sweep import SweepResult
 from .targets import PROFILES, TargetProfile
 from .vectors import SteeringVector, load_vector, save_vector
@@ -25,6 +26,7 @@ __all__ = [
     "LoadedModel",
     "LoraCompileError",
     "PROFILES",
+    "RefineOptions",
     "SteeringVector",
     "SweepResult",
     "TargetProfile",
@@ -40,6 +42,7 @@ __all__ = [
     "save_vector",
     "scan",
     "sweep",
+    "train_lora",
     "verify_adapter",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from .calibrate import (
     writer_outputs,
 )
 from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, PeakMemory, peak_memory
-from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files
+from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files, writer_factors
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
 from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors, fit_post_norm_vector
@@ -32,6 +34,7 @@ from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .momentsfile import load_moments, model_fingerprint, read_header, save_moments
 from .outputs import atomic_outputs, check_writable
+from .refine import RefineOptions, balanced, heldout_kl, train_lora
 from .scan import (
     memory_plan,
     plan_layer_groups,
@@ -407,6 +410,14 @@ def _model_card(report: dict) -> str:
         if report.get("exact")
         else f"Calibration: {report['calibration']['tokens']} tokens; direction: {report['direction']}."
     )
+    refined = report.get("refine")
+    if refined:
+        adapters = refined["heldout"]["adapters"]
+        how += (
+            f" Refined by gradient descent on KL(true addition ‖ adapter) ({refined['steps']} steps; kept the "
+            f"{refined['kept'].replace('_', ' ')}): held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g} "
+            f"(closed form) → {adapters['refined']['kl_ratio']:.3g}; the fit-error columns are the closed form's."
+        )
     lines += [
         "",
         "The RMS column is the predicted relative error of the added vector per token. "
@@ -444,6 +455,8 @@ def compile_adapter(
     model_dtype: str = DEFAULT_MODEL_DTYPE,
     moments: MomentsArg = None,
     approximate: bool = False,
+    refine: bool = False,
+    refine_options: RefineOptions | None = None,
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
@@ -464,13 +477,25 @@ def compile_adapter(
     Under torchrun the ranks share the calibration; rank 0 measures the held-out error and writes.
     ``approximate``: compile a site behind a post-writer norm (Gemma 2/3,
     OLMo 2), refused otherwise; the report's ``post_norm`` says what the construction achieves.
+
+    ``refine``: start from the closed form and minimise KL(true addition ‖ adapter) on the
+    calibration text (``refine.train_lora``; ``refine_options`` sets its budget and rank), keeping
+    the closed form where that does not help on a validation split of the calibration text. The
+    report's ``refine`` has the KL ratio on ``heldout`` before and after, per domain. ``resid_pre``
+    is exact already: refinement is skipped there, with a warning.
     """
     check_writable(out_dir, force)
+    options = refine_options or RefineOptions()
+    options.check()
+    if options.rank != 1 and not refine:
+        raise LoraCompileError(
+            f"--rank {options.rank} needs --refine: the closed form is rank 1 (the best any rank does for a constant)"
+        )
     if merge_dir is not None:
         check_writable(merge_dir, force)
     prof = profile(target)
     prof.check_dtype(dtype or prof.default_dtype)
-    prof.rank_for(1)
+    prof.rank_for(options.rank if refine else 1)
     if not torch.isfinite(torch.tensor(coef)):
         raise LoraCompileError(f"coefficient {coef} is not a finite number")
     check_direction_method(direction)
@@ -483,6 +508,7 @@ def compile_adapter(
             heldout=heldout, self_generated=self_generated, seed=seed, force=force, calibration=calibration,
             dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir, moments=moments,
             approximate=approximate,
+            refine_options=options if refine else None,
         )  # fmt: skip
 
 
@@ -508,6 +534,7 @@ def _compile(
     merge_dir: str | Path | None,
     moments: MomentsArg = None,
     approximate: bool = False,
+    refine_options: RefineOptions | None = None,
 ) -> CompileResult:
     warnings = []
     if base_model_id is None and loaded.is_local:
@@ -591,10 +618,16 @@ def _compile(
                 "writer_vector_norm": float(writer_vectors[key].norm()),
                 **post_norm_fits[key].to_dict(),
             }
-    tensors = adapter_tensors(loaded, steered, prof, dtype)
+    factors, refined = None, None
+    if refine_options is not None and exact:
+        warnings.append(f"--refine skipped: {steering.site} is exact (an embedding LoRA), there is nothing to refine")
+    elif refine_options is not None:
+        factors, refined = _refine(loaded, steering, coef, steered, samples(), heldout_samples, refine_options)
+    tensors = adapter_tensors(loaded, steered, prof, dtype, factors=factors)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
     base_model = base_model_id or loaded.model_id
-    config = adapter_config(base_model, targets, prof, loaded.arch.fan_in_fan_out)
+    rank = max([a.shape[0] for a, _ in factors.values()], default=1) if factors else 1
+    config = adapter_config(base_model, targets, prof, loaded.arch.fan_in_fan_out, rank)
     report = {
         "base_model": base_model,
         "target": prof.name,
@@ -620,6 +653,7 @@ def _compile(
         "rank": config["r"],
         "target_modules": targets,
         "model_dtype": str(loaded.dtype).removeprefix("torch."),
+        "refine": refined,
         # Up to here (the merged copy, if any, comes after): the compile's own peak.
         "memory": peak.read().to_dict(),
     }
@@ -629,6 +663,32 @@ def _compile(
         if merge_dir is not None:
             save_merged(merged_model(loaded, adapter_deltas(temps[0])), loaded, temps[1])
     return CompileResult(Path(out_dir), report, Path(merge_dir) if merge_dir is not None else None)
+
+
+def _refine(
+    loaded: LoadedModel,
+    steering: SteeringVector,
+    coef: float,
+    steered: list[SiteWeights],
+    samples: list[corpus.Sample],
+    heldout_samples: list[corpus.Sample],
+    options: RefineOptions,
+) -> tuple[dict, dict]:
+    """Refined factors (or the closed form's, where refinement did not help) and the report's ``refine``."""
+    closed = writer_factors(loaded, steered)
+    result = train_lora(loaded, steering, samples, coef=coef, init="closed_form", factors=closed, options=options)
+    kept = "refined" if result.best_step > 0 else "closed_form"
+    factors = balanced(result.factors) if kept == "refined" else closed
+    start = time.perf_counter()
+    heldout = heldout_kl(loaded, steering, heldout_samples, {"closed_form": closed, "refined": factors}, coef=coef)
+    report = {
+        **result.to_dict(),
+        "kept": kept,
+        "options": dataclasses.asdict(options),
+        "heldout": heldout,
+        "heldout_seconds": time.perf_counter() - start,
+    }
+    return factors, report
 
 
 def merge_adapter(

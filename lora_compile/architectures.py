@@ -93,6 +93,10 @@ class Architecture:
     # Gain of the post-writer norms: ``norm_gain_offset + weight`` (Gemma's RMSNorm: 1 + w; OLMo 2: w).
     norm_gain_offset: float = 0.0
     norm_eps_key: str = "rms_norm_eps"
+    # The model's forward takes ``inputs_embeds`` as the residual stream as it is (no scaling, no
+    # position embeddings added), so running the decoder layers from L on cached inputs of layer L
+    # gives the full model's logits: refinement then skips the layers below the first steered one.
+    embeds_are_stream: bool = False
 
     def site(self, site: str) -> SiteSpec:
         if site in self.refused_sites:
@@ -247,6 +251,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         hidden_size_key="hidden_size",
         sites=_LLAMA_SITES,
         lora_modules=_LLAMA_MODULES,
+        embeds_are_stream=True,
     ),
     Architecture(
         name="phi3",

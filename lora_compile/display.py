@@ -115,6 +115,25 @@ def print_memory(memory: dict) -> None:
     out.print(line)
 
 
+def print_refine(refine: dict) -> None:
+    heldout = refine["heldout"]
+    adapters = heldout["adapters"]
+    table = Table(title="refinement: held-out KL(true‖adapter) / KL(true‖unsteered)")
+    for col in ("domain", "closed form", "refined"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for domain in adapters["closed_form"]["per_domain"]:
+        table.add_row(domain, *(_fmt(adapters[k]["per_domain"][domain]) for k in ("closed_form", "refined")))
+    table.add_row("all", *(_fmt(adapters[k]["kl_ratio"]) for k in ("closed_form", "refined")), style="bold")
+    out.print(table)
+    out.print(
+        f"refinement: {refine['steps']} steps in {refine['seconds']:.0f} s (best at step {refine['best_step']}, "
+        f"{refine['train_tokens']} calibration tokens, {refine['val_tokens']} held back to stop on: KL ratio "
+        f"{_fmt(refine['kl_ratio_initial'])} → {_fmt(refine['kl_ratio_best'])}); "
+        f"kept the {refine['kept'].replace('_', ' ')}; "
+        f"held-out measure {refine['heldout_seconds']:.0f} s"
+    )
+
+
 def print_compile(report: dict) -> None:
     table = Table(title=f"compiled at {report['site']} ({report['direction']} direction)")
     for col in ("layer", "writer", "predicted error (rms)", "max", "first token", "worst domain"):

@@ -96,33 +96,48 @@ def embedding_tensors(loaded: LoadedModel, sw: SiteWeights, rank: int = 1) -> di
     return {f"{KEY_PREFIX}{writer}.lora_embedding_A": a, f"{KEY_PREFIX}{writer}.lora_embedding_B": b}
 
 
-def adapter_tensors(
-    loaded: LoadedModel,
-    steered: list[SiteWeights],
-    target: TargetProfile = PROFILES[DEFAULT_TARGET],
-    dtype: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """``lora_A`` / ``lora_B`` of every targeted writer module, shaped for ``target``.
+def writer_factors(loaded: LoadedModel, steered: list[SiteWeights]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per writer module of the fitted (non-embedding) sites: the balanced rank-1 factors, float64.
 
-    Every layer of a targeted module when the target needs it, else only the steered ones;
-    rank ``target.rank_for(1)`` (zero-padded); saved in ``dtype`` (default: the target's).
+    ``A = k·b`` [1, in] and ``B = s/k`` [out, 1] with ``‖A‖ = ‖B‖``; a site with several writers
+    splits ``b`` among them.
     """
-    dtype = dtype or target.default_dtype
-    target.check_dtype(dtype)
-    rank = target.rank_for(1)
-    tensors: dict[str, torch.Tensor] = {}
-    by_writer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for sw in [sw for sw in steered if loaded.arch.site(sw.site).embedding]:
-        tensors.update(embedding_tensors(loaded, sw, rank))
-    steered = [sw for sw in steered if not loaded.arch.site(sw.site).embedding]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for sw in steered:
+        if loaded.arch.site(sw.site).embedding:
+            continue
         writers = loaded.arch.writers(sw.site, sw.layer)
         widths = [loaded.in_features(w) for w in writers]
         b = sw.direction.to(torch.float64)
         s = sw.vector.to(torch.float64)
         k = torch.sqrt(s.norm() / b.norm().clamp_min(1e-30))
         for writer, part in zip(writers, torch.split(b, widths)):
-            by_writer[writer] = (part * k, s / k)
+            factors[writer] = ((part * k)[None], (s / k)[:, None])
+    return factors
+
+
+def adapter_tensors(
+    loaded: LoadedModel,
+    steered: list[SiteWeights],
+    target: TargetProfile = PROFILES[DEFAULT_TARGET],
+    dtype: str | None = None,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``lora_A`` / ``lora_B`` of every targeted writer module, shaped for ``target``.
+
+    Every layer of a targeted module when the target needs it, else only the steered ones;
+    the factors' rank (``writer_factors``: 1; a refined adapter's may be more), zero-padded to
+    ``target.rank_for``; saved in ``dtype`` (default: the target's). ``factors`` (writer →
+    ``(A [r, in], B [out, r])``) replaces the closed form's, e.g. after ``refine``.
+    """
+    dtype = dtype or target.default_dtype
+    target.check_dtype(dtype)
+    by_writer = writer_factors(loaded, steered) if factors is None else factors
+    rank = target.rank_for(max([a.shape[0] for a, _ in by_writer.values()], default=1))
+    tensors: dict[str, torch.Tensor] = {}
+    for sw in [sw for sw in steered if loaded.arch.site(sw.site).embedding]:
+        tensors.update(embedding_tensors(loaded, sw, rank))
+    steered = [sw for sw in steered if not loaded.arch.site(sw.site).embedding]
     shorts = sorted({_short_name(w) for sw in steered for w in loaded.arch.writers(sw.site, sw.layer)})
     layers = set(range(loaded.num_layers)) if target.every_layer else {sw.layer for sw in steered}
     for short in shorts:
@@ -131,9 +146,9 @@ def adapter_tensors(
             a = torch.zeros(rank, in_features, dtype=torch.float32)
             bmat = torch.zeros(out_features, rank, dtype=torch.float32)
             if writer in by_writer:
-                a_row, b_col = by_writer[writer]
-                a[0] = a_row.to(torch.float32)
-                bmat[:, 0] = b_col.to(torch.float32)
+                a_w, b_w = by_writer[writer]
+                a[: a_w.shape[0]] = a_w.to(torch.float32)
+                bmat[:, : b_w.shape[1]] = b_w.to(torch.float32)
             tensors[f"{KEY_PREFIX}{writer}.lora_A.weight"] = a
             tensors[f"{KEY_PREFIX}{writer}.lora_B.weight"] = bmat
     return {key: _cast(key, value, dtype) for key, value in tensors.items()}
@@ -154,13 +169,14 @@ def adapter_config(
     target_modules: list[str],
     target: TargetProfile = PROFILES[DEFAULT_TARGET],
     fan_in_fan_out: bool = False,
+    rank: int = 1,
 ) -> dict:
-    """A PEFT LoRA config of long-standing keys only, at the target's rank with ``lora_alpha = r``.
+    """A PEFT LoRA config of long-standing keys only, at the target's rank for ``rank`` with ``lora_alpha = r``.
 
     ``fan_in_fan_out``: the writers store weights as [in, out] (GPT-2's Conv1D; the architecture
     table says so). The tensors keep Linear orientation either way; the flag tells a merge to transpose.
     """
-    rank = target.rank_for(1)
+    rank = target.rank_for(rank)
     return {
         "alpha_pattern": {},
         "base_model_name_or_path": base_model,

@@ -58,7 +58,14 @@ def fit_ridge(moments: Moments, ridge: float | None = None, pin: bool = True) ->
     # second); λ added on the diagonal in place, so the fit holds two d×d matrices (h, its factor), not four.
     h = gram.clone()
     h.diagonal().add_(lam)
-    chol = torch.linalg.cholesky(h)
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        # The sums are exact only to the fixed-point grid (~2^-44 of G_ii): a ridge below that
+        # cannot make a singular Gram positive definite.
+        raise LoraCompileError(
+            f"the calibration moments are singular at ridge {ridge:g}: use a larger --ridge (e.g. 1e-8) "
+            "or more calibration text"
+        )
     b = torch.cholesky_solve(mu[:, None], chol)[:, 0]
     pinned = pinnable(moments) if pin else moments.pinned[:0]
     if pinned.numel():

@@ -1,0 +1,435 @@
+"""Refine pass: the closed-form LoRA improved by gradient descent on KL(true addition ‖ adapter).
+
+The closed form (fit.py) makes ``b·x ≈ 1`` in the least-squares sense on the writer's inputs,
+which weighs every token and every direction of the error alike. What a user sees is the
+next-token distribution, so this pass starts from the closed-form factors and minimises the
+mean per-token KL(true addition ‖ adapter) over calibration tokens with Adam on the PEFT LoRA
+parameters (the base model frozen). The targets are the true-addition log-probabilities
+(``verify.true_addition``), computed once per batch and kept. A split of the *calibration* text
+(never the held-out text results are reported on) decides early stopping, and the best factors
+seen on it are kept, the closed form included: refinement is never worse than the closed form
+on that split.
+
+Cost: KL needs logits, so each step runs the model from the first steered layer to the output
+(and back, for the gradient): the layers below it run once per batch, their output cached
+(where the architecture takes ``inputs_embeds`` as the residual stream, ``embeds_are_stream``).
+Deterministic: a fixed seed orders the batches and initialises any random factor; the same
+inputs on the same machine and thread count give byte-identical factors.
+
+``train_lora`` also trains from PEFT's standard init (A kaiming-uniform, B = 0) on the same
+tokens and step budget: the comparison with what a user would otherwise do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import _StopForward, encode, padded_batches
+from .corpus import Sample
+from .errors import LoraCompileError
+from .models import LoadedModel
+from .progress import track
+from .vectors import SteeringVector
+from .verify import VERIFY_MAX_TOKENS, true_addition
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # writer → (A [r, in], B [out, r])
+INITS = ("closed_form", "standard")
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """The refinement's budget and optimiser; the defaults keep one site to minutes on 2 CPU cores."""
+
+    steps: int = 48  # most optimiser steps
+    batch_samples: int = 2  # sequences per step
+    train_samples: int = 16  # calibration samples trained on
+    val_samples: int = 8  # calibration samples held out for early stopping
+    max_tokens: int = 128  # tokens per sample
+    eval_every: int = 8  # steps between evaluations on the validation split
+    patience: int = 2  # evaluations without improvement before stopping
+    # Adam's learning rate. None: ``lr_scale`` × the RMS of each initial tensor for the closed form (a
+    # step moves each factor's entries by about that fraction of their size), 1e-3 for the standard
+    # init (B starts at zero: no scale to take).
+    lr: float | None = None
+    lr_scale: float = 0.003  # 0.02 overshot at resid_mid 10 (README "Refinement")
+    rank: int = 1  # extra rank beyond the closed form's 1 starts as A random, B = 0 (adds nothing)
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("steps", "batch_samples", "train_samples", "val_samples", "max_tokens", "eval_every", "rank"):
+            if getattr(self, name) < 1:
+                raise LoraCompileError(f"refinement {name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise LoraCompileError(f"refinement learning rate must be a positive number, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    """What a run of ``train_lora`` found: the best factors on the validation split, and how it went."""
+
+    factors: Factors  # best on the validation split (step 0: the initial factors)
+    init: str
+    kl_ratio_initial: float  # validation KL(true‖adapter) / KL(true‖unsteered) at step 0
+    kl_ratio_best: float
+    best_step: int
+    steps: int  # steps run (early stopping may end before the budget)
+    seconds: float
+    train_tokens: int
+    val_tokens: int
+    history: list[dict] = field(default_factory=list)  # per evaluation: step, seconds, kl_ratio
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        del d["factors"]
+        return d
+
+    def seconds_to_reach(self, kl_ratio: float) -> float | None:
+        """Seconds (from the start, preparation included) until validation reached ``kl_ratio``; None if never."""
+        for h in self.history:
+            if h["kl_ratio"] <= kl_ratio:
+                return h["seconds"]
+        return None
+
+    def steps_to_reach(self, kl_ratio: float) -> int | None:
+        for h in self.history:
+            if h["kl_ratio"] <= kl_ratio:
+                return h["step"]
+        return None
+
+
+def split_samples(samples: list[Sample], options: RefineOptions) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) samples of the calibration text: a seeded shuffle, so both span its domains."""
+    usable = [s for s in samples if s.text or s.messages]
+    if len(usable) < 2:
+        raise LoraCompileError(
+            "refinement needs at least 2 calibration samples (one to train on, one to stop on): pass more --texts"
+        )
+    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(options.seed)).tolist()
+    n_val = min(options.val_samples, max(1, len(usable) // 3))
+    val = [usable[i] for i in order[:n_val]]
+    train = [usable[i] for i in order[n_val : n_val + options.train_samples]]
+    return train, val
+
+
+@contextmanager
+def _layers_from(loaded: LoadedModel, first: int) -> Iterator[None]:
+    """The model's decoder stack cut to layers ``first..``: fed the input of layer ``first`` as ``inputs_embeds``."""
+    parent_path, _, name = loaded.arch.layers.rpartition(".")
+    parent = loaded.module(parent_path)
+    full = getattr(parent, name)
+    setattr(parent, name, nn.ModuleList(list(full)[first:]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, full)
+
+
+@dataclass
+class _Batch:
+    inputs: torch.Tensor  # input of layer ``first`` [B, T, d] (or token ids [B, T] when layers are not skipped)
+    mask: torch.Tensor  # [B, T] long
+    samples: list[int]  # indices of the batch's samples
+    target: torch.Tensor | None = None  # true-addition logits at the batch's tokens [n, V]
+
+
+class _Runner:
+    """Runs the model from the first steered layer (cached inputs below it) to the logits."""
+
+    def __init__(self, loaded: LoadedModel, first: int):
+        self.loaded = loaded
+        self.first = first if loaded.arch.embeds_are_stream else 0
+        self.skip = loaded.arch.embeds_are_stream
+
+    def prepare(self, token_lists: list[list[int]], batch_samples: int, max_tokens: int) -> list[_Batch]:
+        loaded = self.loaded
+        out = []
+        for batch, ids, mask in padded_batches(token_lists, loaded.tokenizer.pad_token_id, batch_samples * max_tokens):
+            ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+            out.append(_Batch(self._stream(ids, mask) if self.skip else ids, mask, batch))
+        return out
+
+    def _stream(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering layer ``first`` (unsteered: steering starts at or after it)."""
+        seen = {}
+
+        def keep(_module, args, kwargs):
+            seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            raise _StopForward
+
+        layer = self.loaded.module(self.loaded.arch.layer_module(self.first))
+        handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return seen["x"]
+
+    def logits(self, batch: _Batch) -> torch.Tensor:
+        """Logits at the batch's (unpadded) tokens, [n, V]."""
+        model = self.loaded.model
+        if self.skip:
+            with _layers_from(self.loaded, self.first):
+                out = model(inputs_embeds=batch.inputs, attention_mask=batch.mask, use_cache=False).logits
+        else:
+            out = model(input_ids=batch.inputs, attention_mask=batch.mask, use_cache=False).logits
+        return out[batch.mask.bool()]
+
+
+def _kl(target: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token KL(softmax(target) ‖ softmax(logits)), both logits, computed in ``dtype``.
+
+    Training takes float32 (its gradient ``q − p`` is accurate there); measurements take float64,
+    as ``verify`` does: a KL of 1e-6 is a difference of two entropies of ~5, which float32 rounds
+    by ~1e-6.
+    """
+    logp = F.log_softmax(target.to(dtype), -1)
+    logq = F.log_softmax(logits.to(dtype), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@contextmanager
+def _lora(loaded: LoadedModel, writers: list[str], rank: int) -> Iterator[dict[str, tuple[nn.Parameter, nn.Parameter]]]:
+    """PEFT LoRA layers (rank ``rank``, scale 1, no dropout) on ``writers``; the base model frozen, restored on exit."""
+    from peft import LoraConfig, get_peft_model
+
+    flags = {name: p.requires_grad for name, p in loaded.model.named_parameters()}
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(writers), lora_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):  # PEFT's own init draws from the global generator: leave it as it was
+        peft_model = get_peft_model(loaded.model, config)
+    peft_model.eval()
+    try:
+        params = {}
+        for w in writers:
+            layer = loaded.module(w)
+            params[w] = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        yield params
+    finally:
+        peft_model.unload()
+        for name, p in loaded.model.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+
+
+def _set(params: dict[str, tuple[nn.Parameter, nn.Parameter]], factors: Factors | None) -> None:
+    """Put ``factors`` (zero-padded to the layers' rank) into the LoRA layers; None: zeros (the base model)."""
+    with torch.no_grad():
+        for w, (a, b) in params.items():
+            a.zero_()
+            b.zero_()
+            if factors is not None:
+                fa, fb = factors[w]
+                a[: fa.shape[0]] = fa.to(a.dtype)
+                b[:, : fb.shape[1]] = fb.to(b.dtype)
+
+
+def _standard_init(loaded: LoadedModel, writers: list[str], rank: int, generator: torch.Generator) -> Factors:
+    """PEFT's default LoRA init: A kaiming-uniform (a = √5, as ``nn.Linear``), B = 0."""
+    factors = {}
+    for w in writers:
+        module = loaded.module(w)
+        a = torch.empty(rank, module.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        factors[w] = (a, torch.zeros(module.out_features, rank))
+    return factors
+
+
+def _widen(loaded: LoadedModel, factors: Factors, rank: int, generator: torch.Generator) -> Factors:
+    """Factors of rank ≥ ``rank``: extra components start with A random, B = 0, so B·A is unchanged."""
+    extra = _standard_init(loaded, list(factors), rank, generator)
+    out = {}
+    for w, (a, b) in factors.items():
+        have = a.shape[0]
+        if have >= rank:
+            out[w] = (a.float(), b.float())
+        else:
+            out[w] = (torch.cat([a.float(), extra[w][0][have:]]), torch.cat([b.float(), extra[w][1][:, have:]], 1))
+    return out
+
+
+def balanced(factors: Factors) -> Factors:
+    """Each rank component rescaled so ``‖A_i‖ = ‖B_i‖`` (B·A unchanged; bf16/fp16 range, as emit balances)."""
+    out = {}
+    for w, (a, b) in factors.items():
+        a, b = a.double().clone(), b.double().clone()
+        for i in range(a.shape[0]):
+            na, nb = a[i].norm(), b[:, i].norm()
+            if na > 0 and nb > 0:
+                k = torch.sqrt(nb / na)
+                a[i] *= k
+                b[:, i] /= k
+        out[w] = (a, b)
+    return out
+
+
+def train_lora(
+    loaded: LoadedModel,
+    vector: SteeringVector,
+    samples: list[Sample],
+    *,
+    coef: float = 1.0,
+    init: str = "closed_form",
+    factors: Factors | None = None,
+    options: RefineOptions = RefineOptions(),
+    description: str | None = None,
+) -> TrainResult:
+    """Fit LoRA factors on the writers of ``vector``'s site to minimise KL(true addition of coef·vector ‖ adapter).
+
+    ``samples``: calibration text, split by ``split_samples`` into training and validation parts.
+    ``init="closed_form"`` starts from ``factors`` (``emit.writer_factors`` of the compiled
+    directions); ``init="standard"`` from PEFT's default init (``factors`` unused but for the
+    writers). Returns the factors best on validation (step 0 included) with the run's history.
+    """
+    options.check()
+    if init not in INITS:
+        raise LoraCompileError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+    if init == "closed_form" and factors is None:
+        raise LoraCompileError("init='closed_form' needs the closed-form factors (emit.writer_factors)")
+    start = time.perf_counter()
+    writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
+    generator = torch.Generator().manual_seed(options.seed)
+    if init == "standard":
+        initial = _standard_init(loaded, writers, options.rank, generator)
+    else:
+        initial = _widen(loaded, {w: factors[w] for w in writers}, options.rank, generator)
+    rank = max(a.shape[0] for a, _ in initial.values())
+
+    train, val = split_samples(samples, options)
+    runner = _Runner(loaded, min(vector.layers))
+    train_batches = runner.prepare(encode(loaded, train, options.max_tokens), options.batch_samples, options.max_tokens)
+    val_batches = runner.prepare(encode(loaded, val, options.max_tokens), options.batch_samples, options.max_tokens)
+    kl_unsteered = 0.0
+    with _lora(loaded, writers, rank) as params:
+        _set(params, None)
+        with torch.no_grad():
+            for batch in train_batches + val_batches:
+                with true_addition(loaded, vector, coef):
+                    batch.target = runner.logits(batch)
+            for batch in val_batches:
+                kl_unsteered += float(_kl(batch.target, runner.logits(batch), torch.float64).sum())
+        val_tokens = sum(int(b.mask.sum()) for b in val_batches)
+        kl_unsteered = max(kl_unsteered / val_tokens, 1e-30)
+
+        def evaluate() -> float:
+            with torch.no_grad():
+                total = sum(float(_kl(b.target, runner.logits(b), torch.float64).sum()) for b in val_batches)
+            return total / val_tokens / kl_unsteered
+
+        _set(params, initial)
+        lrs = {}
+        for w, (a, b) in params.items():
+            for p, init_value in ((a, initial[w][0]), (b, initial[w][1])):
+                scale = float(init_value.pow(2).mean().sqrt())
+                if options.lr is not None:
+                    lrs[p] = options.lr
+                elif init == "closed_form" and scale > 0:
+                    lrs[p] = options.lr_scale * scale
+                else:
+                    lrs[p] = 1e-3
+        optimiser = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in lrs.items()])
+
+        def snapshot() -> Factors:
+            return {w: (a.detach().clone(), b.detach().clone()) for w, (a, b) in params.items()}
+
+        ratio0 = evaluate()
+        history = [{"step": 0, "seconds": time.perf_counter() - start, "kl_ratio": ratio0}]
+        best_ratio, best_step, best = ratio0, 0, snapshot()
+        order: list[int] = []
+        stale, step = 0, 0
+        label = description or ("refining" if init == "closed_form" else "training from standard init")
+        for step in track(range(1, options.steps + 1), label, total=options.steps):
+            if not order:
+                order = torch.randperm(len(train_batches), generator=generator).tolist()
+            batch = train_batches[order.pop()]
+            optimiser.zero_grad(set_to_none=True)
+            loss = _kl(batch.target, runner.logits(batch)).mean()
+            loss.backward()
+            optimiser.step()
+            if step % options.eval_every and step != options.steps:
+                continue
+            ratio = evaluate()
+            history.append({"step": step, "seconds": time.perf_counter() - start, "kl_ratio": ratio})
+            if ratio < best_ratio:
+                best_ratio, best_step, best, stale = ratio, step, snapshot(), 0
+            else:
+                stale += 1
+                if stale >= options.patience:
+                    break
+    return TrainResult(
+        factors=best,
+        init=init,
+        kl_ratio_initial=ratio0,
+        kl_ratio_best=best_ratio,
+        best_step=best_step,
+        steps=step,
+        seconds=time.perf_counter() - start,
+        train_tokens=sum(int(b.mask.sum()) for b in train_batches),
+        val_tokens=val_tokens,
+        history=history,
+    )
+
+
+def heldout_kl(
+    loaded: LoadedModel,
+    vector: SteeringVector,
+    samples: list[Sample],
+    adapters: dict[str, Factors],
+    *,
+    coef: float = 1.0,
+    max_tokens: int = VERIFY_MAX_TOKENS,
+    batch_tokens: int = 2048,
+) -> dict:
+    """KL(true‖adapter)/KL(true‖unsteered) of each named set of factors on ``samples``, overall and per domain.
+
+    Returns ``{"kl_unsteered", "tokens", "adapters": {name: {"kl_ratio", "kl", "per_domain"}}}``.
+
+    The same PEFT LoRA layers as ``train_lora`` (scale 1, float32), one reference run per batch
+    shared by every adapter; tokens and domains as ``verify`` counts them.
+    """
+    writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
+    rank = max(a.shape[0] for f in adapters.values() for a, _ in f.values())
+    runner = _Runner(loaded, min(vector.layers))
+    token_lists = encode(loaded, samples, max_tokens)
+    kl_u: list[torch.Tensor] = []
+    kl_a: dict[str, list[torch.Tensor]] = {name: [] for name in adapters}
+    domains: list[str] = []
+    with _lora(loaded, writers, rank) as params, torch.no_grad():
+        for ids_batch, ids, mask in track(
+            list(padded_batches(token_lists, loaded.tokenizer.pad_token_id, batch_tokens)), "held-out KL"
+        ):
+            ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+            batch = _Batch(runner._stream(ids, mask) if runner.skip else ids, mask, ids_batch)
+            _set(params, None)
+            plain = runner.logits(batch)
+            with true_addition(loaded, vector, coef):
+                target = runner.logits(batch)
+            kl_u.append(_kl(target, plain, torch.float64).cpu())
+            for name, factors in adapters.items():
+                _set(params, factors)
+                kl_a[name].append(_kl(target, runner.logits(batch), torch.float64).cpu())
+            for row, i in enumerate(ids_batch):
+                domains += [samples[i].domain] * int(mask[row].sum())
+    unsteered = torch.cat(kl_u)
+    labels = sorted(set(domains))
+    index = torch.tensor([labels.index(d) for d in domains])
+    out: dict = {"kl_unsteered": float(unsteered.mean()), "tokens": int(unsteered.numel()), "adapters": {}}
+    for name in adapters:
+        kl = torch.cat(kl_a[name])
+        out["adapters"][name] = {
+            "kl_ratio": float(kl.mean() / unsteered.mean().clamp_min(1e-30)),
+            "kl": float(kl.mean()),
+            "per_domain": {
+                d: float(kl[index == k].mean() / unsteered[index == k].mean().clamp_min(1e-30))
+                for k, d in enumerate(labels)
+            },
+        }
+    return out

@@ -1,0 +1,127 @@
+"""compile --refine: KL refinement from the closed form, wired on a tiny random model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lora_compile import api, corpus
+from lora_compile.calibrate import encode
+from lora_compile.cli import app
+from lora_compile.errors import LoraCompileError
+from lora_compile.refine import RefineOptions, _Batch, _Runner, train_lora
+from lora_compile.targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROFILES
+from lora_compile.vectors import SteeringVector, save_vector
+
+# A budget that keeps each tiny compile to a second or two; a random model's closed form is far off,
+# so larger steps than the default's.
+FAST = RefineOptions(
+    steps=6, batch_samples=2, train_samples=6, val_samples=3, max_tokens=32, eval_every=2, lr_scale=0.02
+)
+# The shipped calibration corpus: varied enough that the tiny model's closed form leaves room to refine.
+TEXTS = corpus.default_calibration()
+HELDOUT = [
+    corpus.Sample("stories", text="Once upon a time there was a fox who lived by the river."),
+    corpus.Sample("chat", messages=(("user", "Tell me a joke about numbers."),)),
+]
+
+
+def _vector(tiny, layer=1, site="resid_mid", scale=4.0) -> SteeringVector:
+    gen = torch.Generator().manual_seed(3)
+    return SteeringVector({layer: scale * torch.randn(tiny.hidden_size, generator=gen)}, site)
+
+
+def _compile(tiny, out, vector, **kw):
+    return api.compile_adapter(
+        vector, out, tiny, coef=1.0, heldout=HELDOUT, **{"refine": True, "refine_options": FAST, **kw}
+    )
+
+
+def test_running_from_the_first_steered_layer_gives_the_full_models_logits(tiny):
+    samples = encode(tiny, TEXTS[:3], 32)
+    runner = _Runner(tiny, 2)
+    (batch,) = runner.prepare(samples, 3, 32)
+    assert batch.inputs.dim() == 3  # the cached stream, not token ids: layers 0-1 were skipped
+    ids = torch.full(batch.mask.shape, tiny.tokenizer.pad_token_id)
+    for row, i in enumerate(batch.samples):
+        ids[row, : len(samples[i])] = torch.tensor(samples[i])
+    with torch.no_grad():
+        full = tiny.model(input_ids=ids, attention_mask=batch.mask, use_cache=False).logits[batch.mask.bool()]
+        cut = runner.logits(_Batch(batch.inputs, batch.mask, batch.samples))
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+    assert len(tiny.model.model.layers) == tiny.num_layers  # the stack is whole again
+
+
+def test_refined_adapter_is_reproducible_never_worse_and_served(tiny, tmp_path):
+    vector = _vector(tiny)
+    first = _compile(tiny, tmp_path / "a", vector)
+    _compile(tiny, tmp_path / "b", vector)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    refine = first.report["refine"]
+    assert refine["kl_ratio_best"] <= refine["kl_ratio_initial"]  # never worse on the validation split
+    assert refine["kept"] == "refined" and refine["best_step"] > 0  # a random tiny model leaves room to improve
+    assert refine["kl_ratio_best"] < 0.9 * refine["kl_ratio_initial"]
+    assert 0 < refine["steps"] <= FAST.steps and refine["seconds"] > 0
+    heldout = refine["heldout"]["adapters"]
+    assert set(heldout["refined"]["per_domain"]) == {"stories", "chat"}
+    # Every target's linter passes, and PEFT, loading the files, sees what the report says.
+    assert api.check_adapter(tmp_path / "a", model=tiny) == {p: [] for p in PROFILES}
+    verified = api.verify_adapter(tmp_path / "a", vector, tiny, prompts=HELDOUT, generations=0)
+    assert verified.kl_ratio == pytest.approx(heldout["refined"]["kl_ratio"], rel=1e-3)
+    closed = api.compile_adapter(vector, tmp_path / "c", tiny, coef=1.0, heldout=HELDOUT)
+    before = api.verify_adapter(tmp_path / "c", vector, tiny, prompts=HELDOUT, generations=0)
+    assert before.kl_ratio == pytest.approx(heldout["closed_form"]["kl_ratio"], rel=1e-3)
+    assert closed.report["refine"] is None
+
+
+def test_closed_form_is_kept_where_refinement_does_not_help(tiny, tmp_path):
+    # Steps too small to move a float32 factor: validation never improves on step 0, the closed form stays.
+    vector = _vector(tiny)
+    still = RefineOptions(**{**FAST.__dict__, "lr": 1e-12})
+    result = _compile(tiny, tmp_path / "r", vector, refine_options=still)
+    assert result.report["refine"]["kept"] == "closed_form" and result.report["refine"]["best_step"] == 0
+    api.compile_adapter(vector, tmp_path / "c", tiny, coef=1.0, heldout=HELDOUT)
+    assert (tmp_path / "r" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "c" / ADAPTER_WEIGHTS).read_bytes()
+
+
+def test_more_rank_loads_in_peft_and_lints(tiny, tmp_path):
+    vector = _vector(tiny, layer=2, site="resid_post")
+    options = RefineOptions(**{**FAST.__dict__, "rank": 2})
+    result = _compile(tiny, tmp_path / "r2", vector, refine_options=options)  # portable: padded to rank 4
+    config = json.loads((tmp_path / "r2" / ADAPTER_CONFIG).read_text())
+    assert config["r"] == config["lora_alpha"] == result.report["rank"] == 4
+    a = load_file(str(tmp_path / "r2" / ADAPTER_WEIGHTS))["base_model.model.model.layers.2.mlp.down_proj.lora_A.weight"]
+    assert [bool(row.any()) for row in a] == [True, True, False, False]
+    assert api.check_adapter(tmp_path / "r2", model=tiny) == {p: [] for p in PROFILES}
+    verified = api.verify_adapter(tmp_path / "r2", vector, tiny, prompts=HELDOUT, generations=0)
+    assert verified.kl_ratio == pytest.approx(
+        result.report["refine"]["heldout"]["adapters"]["refined"]["kl_ratio"], rel=1e-3
+    )
+
+
+def test_standard_init_starts_as_the_unsteered_model(tiny):
+    vector = _vector(tiny)
+    result = train_lora(tiny, vector, TEXTS, init="standard", options=FAST)
+    assert result.kl_ratio_initial == pytest.approx(1.0, abs=1e-9)  # B = 0: the adapter adds nothing
+    assert result.history[0]["step"] == 0 and 0 < result.steps <= FAST.steps
+    (a, b), *_ = result.factors.values()
+    assert bool(b.any()) == (result.best_step > 0)  # the best factors: the init itself only at step 0
+
+
+def test_refine_at_the_exact_site_is_skipped_with_a_warning(tiny, tmp_path):
+    vector = _vector(tiny, layer=0, site="resid_pre")
+    result = _compile(tiny, tmp_path / "pre", vector, target="vllm")
+    assert result.report["refine"] is None and result.report["exact"]
+    assert any("--refine skipped" in w for w in result.report["warnings"])
+
+
+def test_rank_without_refine_is_refused(tiny, tmp_path, tiny_dir):
+    with pytest.raises(LoraCompileError, match="needs --refine"):
+        api.compile_adapter(_vector(tiny), tmp_path / "x", tiny, refine_options=RefineOptions(rank=2))
+    vec = str(save_vector(_vector(tiny), tmp_path / "v.safetensors"))
+    result = CliRunner().invoke(app, ["compile", "-v", vec, "-o", str(tmp_path / "o"), "-m", tiny_dir, "--rank", "2"])
+    assert result.exit_code == 2 and "needs --refine" in result.stderr
+    assert not (tmp_path / "o").exists()
