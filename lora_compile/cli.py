@@ -460,7 +460,9 @@ def verify(
 
 
 def print_endpoint(report) -> None:
-    table = Table(title=f"verify: {report.served_model} at {report.url} vs true activation addition (top-{report.top_k})")
+    table = Table(
+        title=f"verify: {report.served_model} at {report.url} vs true activation addition (top-{report.top_k})"
+    )
     for col in ("tokens", "KL(true‖served), top-k", "KL(true‖unsteered), top-k", "ratio", "top-1 agree", "mass"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -780,7 +782,9 @@ def export_gguf_lora(
     outtype: Annotated[str, typer.Option(help="GGUF tensor type: f32 (exact), f16, bf16 or q8_0.")] = "f32",
     llama_cpp: Annotated[
         Path | None,
-        typer.Option(help="llama.cpp source directory with convert_lora_to_gguf.py (default: scripts/setup_engine.sh's)."),
+        typer.Option(
+            help="llama.cpp source directory with convert_lora_to_gguf.py (default: scripts/setup_engine.sh's)."
+        ),
     ] = None,
     force: ForceOpt = False,
 ) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -42,8 +41,8 @@ from .corpus import Sample
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
-from .verify import VERIFY_MAX_TOKENS, _agreement, _greedy, true_addition
 from .vectors import SteeringVector
+from .verify import VERIFY_MAX_TOKENS, _agreement, _greedy, true_addition
 
 API_KEY_ENVS = ("LORA_COMPILE_API_KEY", "OPENAI_API_KEY")
 DEFAULT_TOP_K = 20
@@ -121,7 +120,7 @@ class EndpointClient:
                 if exc.code not in RETRY_STATUS:
                     raise self._fail(exc.code, self._redact(detail)) from None
                 last = f"HTTP {exc.code}: {self._redact(detail)}"
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 last = f"no answer within {self.timeout:g} s"
             except urllib.error.URLError as exc:
                 reason = exc.reason

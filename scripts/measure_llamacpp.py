@@ -76,7 +76,9 @@ def main() -> None:
     if best is None:
         result, calibration = api.scan(loaded, sites=["resid_post"])
         best = result["recommended"][0]["layer"]
-        print(f"best resid_post layer by scan: {best} (fit error {result['recommended'][0]['ridge']['all']['rms']:.3g})")
+        print(
+            f"best resid_post layer by scan: {best} (fit error {result['recommended'][0]['ridge']['all']['rms']:.3g})"
+        )
     vector = extract(loaded, read_pairs(corpus.demo_pairs_path()), sorted({best, 10, 18, 0}))
 
     def local(steering: SteeringVector | None) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -112,7 +114,8 @@ def main() -> None:
     floor = torch.cat([_kl(a, b) for a, b in zip(local_plain, cpp_plain)])
     floor_top1 = torch.cat([a.argmax(-1) == b.argmax(-1) for a, b in zip(local_plain, cpp_plain)])
     rows["engine floor"] = {"kl": float(floor.mean()), "top1": float(floor_top1.float().mean())}
-    print(f"engine floor: KL(local unsteered ‖ llama.cpp unsteered) {floor.mean():.3g}, top-1 {floor_top1.float().mean():.1%}")
+    kl_floor, top1_floor = float(floor.mean()), float(floor_top1.float().mean())
+    print(f"engine floor: KL(local unsteered ‖ llama.cpp unsteered) {kl_floor:.3g}, top-1 {top1_floor:.1%}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -126,14 +129,17 @@ def main() -> None:
                 cal = calibrate(loaded, corpus.default_calibration(), [(site, layer)])
             target = "peft" if site == "resid_pre" else "portable"
             api.compile_adapter(vec, adapter, loaded, coef=args.coef, calibration=cal, target=target)
-            report = api.verify_adapter(adapter, vec, loaded, prompts=prompts, generations=args.generations,
-                                        max_new_tokens=args.max_new_tokens)
+            report = api.verify_adapter(
+                adapter, vec, loaded, prompts=prompts, generations=args.generations, max_new_tokens=args.max_new_tokens
+            )
             row = {
                 "local verify": {
                     "kl_ratio": report.kl_ratio,
                     "top1": report.top1_agreement,
-                    "greedy": [sum(g["tokens_agreeing"] for g in report.generations),
-                               sum(g["tokens"] for g in report.generations)],
+                    "greedy": [
+                        sum(g["tokens_agreeing"] for g in report.generations),
+                        sum(g["tokens"] for g in report.generations),
+                    ],
                 }
             }
             lora = tmp / f"{site}-{layer}.gguf"

@@ -174,8 +174,15 @@ def prompts_file(tmp_path_factory):
 
 def test_cli_endpoint_passes_and_writes_json(tiny, tiny_dir, vector, vector_file, prompts_file, tmp_path):
     with serving(_Server(tiny, vector, 2.0, key=KEY)) as url:
-        result = _cli(url, tiny_dir, vector_file, prompts_file, "--json", str(tmp_path / "r.json"),
-                      env={"LORA_COMPILE_API_KEY": KEY})
+        result = _cli(
+            url,
+            tiny_dir,
+            vector_file,
+            prompts_file,
+            "--json",
+            str(tmp_path / "r.json"),
+            env={"LORA_COMPILE_API_KEY": KEY},
+        )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["top1_agreement"] == 1.0 and report["kl_ratio"] < 1e-6
