@@ -51,6 +51,10 @@ DEFAULT_RETRIES = 3
 MAX_BACKOFF = 8.0
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 ALIGNMENTS = ("auto", "next-token", "shifted")
+NO_LOGPROBS_HINT = (
+    "verify --endpoint needs top-k logprobs with echo from /v1/completions "
+    "(llama.cpp's server: logits_all=true; vLLM: --max-logprobs)"
+)
 
 
 def api_key(env: str | None = None) -> str | None:
@@ -117,6 +121,10 @@ class EndpointClient:
                     return json.loads(resp.read().decode() or "{}")
             except urllib.error.HTTPError as exc:
                 detail = _error_detail(exc)
+                if "logprob" in detail.lower():  # e.g. llama-cpp-python without logits_all: asking again won't help
+                    raise LoraCompileError(
+                        f"{self.url} returned no logprobs ({self._redact(detail)}): {NO_LOGPROBS_HINT}"
+                    ) from None
                 if exc.code not in RETRY_STATUS:
                     raise self._fail(exc.code, self._redact(detail)) from None
                 last = f"HTTP {exc.code}: {self._redact(detail)}"
@@ -231,10 +239,7 @@ def _restricted_kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
 def _echo(choice: dict, url: str, model: str) -> tuple[list[str], list[dict | None]]:
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, dict) or not logprobs.get("top_logprobs"):
-        raise LoraCompileError(
-            f"{url} returned no logprobs for model {model!r}: verify --endpoint needs top-k logprobs from "
-            "/v1/completions (llama.cpp's server: logits_all=true; vLLM: --max-logprobs)"
-        )
+        raise LoraCompileError(f"{url} returned no logprobs for model {model!r}: {NO_LOGPROBS_HINT}")
     return list(logprobs.get("tokens") or []), list(logprobs["top_logprobs"])
 
 
