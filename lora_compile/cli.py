@@ -476,7 +476,7 @@ def print_endpoint(report) -> None:
     out.print(table)
     out.print(
         f"{report.prompts} prompts, {report.requests} requests; KL on the server's top-k set, both sides "
-        f"renormalised on it; echo alignment: {report.alignment}"
+        "renormalised on it; echo alignment: " + ", ".join(f"{k} ({v} prompts)" for k, v in report.alignment.items())
     )
     for g in report.generations:
         out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")

@@ -191,7 +191,7 @@ class EndpointReport:
     mass_covered: float  # mean probability true addition puts on S
     tokens: int
     prompts: int
-    alignment: str  # "next-token" (OpenAI) or "shifted" (llama-cpp-python)
+    alignment: dict[str, int]  # prompts per echo alignment: "next-token" (OpenAI), "shifted" (llama-cpp-python)
     requests: int
     greedy_agreement: float | None = None  # agreeing leading tokens / tokens, over the generations
     not_returned: list[str] = field(default_factory=list)
@@ -234,6 +234,32 @@ def _restricted_kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
     p = logp[keep] - torch.logsumexp(logp[keep], 0)
     q = logq[keep] - torch.logsumexp(logq[keep], 0)
     return float((p.exp() * (p - q)).sum())
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / max(len(finite), 1)
+
+
+def _match(echoed: list[str], ids: list[int], vocab: _Vocab, special: set[int]) -> list[int] | None:
+    """The local position of each echoed token (len(ids) for a generated one), or None if they differ.
+
+    Servers may leave special tokens out of the echo (llama-cpp-python drops the BOS id, which is
+    SmolLM2's ``<|im_start|>``) or print them as ''; only those may be skipped.
+    """
+    out, j = [], 0
+    for text in echoed:
+        text = _norm(text)
+        while j < len(ids) and vocab.strings[ids[j]] != text and ids[j] in special and text != "":
+            j += 1
+        if j < len(ids) and (vocab.strings[ids[j]] == text or (ids[j] in special and text == "")):
+            out.append(j)
+            j += 1
+        elif j == len(ids):
+            out.append(j)  # the generated token after the prompt
+        else:
+            return None
+    return out
 
 
 def _echo(choice: dict, url: str, model: str) -> tuple[list[str], list[dict | None]]:
@@ -285,65 +311,82 @@ def verify_endpoint(
         raise LoraCompileError(f"--echo-alignment {alignment!r}: use one of {', '.join(ALIGNMENTS)}")
     not_returned = list(notes or [])
     vocab = _Vocab(loaded.tokenizer)
+    special = set(loaded.tokenizer.all_special_ids)
     token_lists = encode(loaded, prompts, VERIFY_MAX_TOKENS)
-    mismatched, fewest, missing_positions, no_echo = 0, None, 0, 0
-    per_alignment = {"next-token": ([], [], [], []), "shifted": ([], [], [], [])}
+    kl_c, kl_u, top1, mass = [], [], [], []
+    counts = {"next-token": 0, "shifted": 0}
+    mismatched = no_echo = missing_positions = dropped = 0
+    fewest: int | None = None
     for ids in track(token_lists, "endpoint requests"):
-        text = loaded.tokenizer.decode(ids)
-        choice = client.completion(served_model, text, max_tokens=1, logprobs=top_k, echo=True)
+        choice = client.completion(served_model, loaded.tokenizer.decode(ids), max_tokens=1, logprobs=top_k, echo=True)
         tokens, tops = _echo(choice, client.url, served_model)
-        local = [vocab.strings[i] for i in ids]
-        if len(tokens) < len(ids):
+        if len(tokens) <= 1:
             no_echo += 1
             continue
-        if [_norm(t) for t in tokens[: len(ids)]] != local:
+        positions = _match(tokens, ids, vocab, special)
+        if positions is None:
             mismatched += 1
             continue
+        dropped += len(ids) - sum(1 for j in positions if j < len(ids))
         with torch.no_grad():
             inp = torch.tensor([ids], device=loaded.device)
             plain = F.log_softmax(loaded.model(input_ids=inp).logits[0].double().cpu(), -1)
             with true_addition(loaded, vector, coef):
                 steered = F.log_softmax(loaded.model(input_ids=inp).logits[0].double().cpu(), -1)
         n = len(ids)
-        # next-token: tops[i] predicts token i (local row i−1); shifted: tops[i] is the distribution after token i.
-        pairs = {
-            "next-token": [(tops[i], i - 1) for i in range(1, min(len(tops), n + 1))],
-            "shifted": [(tops[i], i) for i in range(0, min(len(tops), n))],
+        # next-token (OpenAI): the entry at token j predicts token j, i.e. local row j−1; shifted
+        # (llama-cpp-python when it keeps the first token): the entry is the distribution after token j.
+        candidates = {
+            "next-token": [(top, j - 1) for top, j in zip(tops, positions) if 0 < j <= n],
+            "shifted": [(top, j) for top, j in zip(tops, positions) if j < n],
         }
-        for name, pos in pairs.items():
-            kl_c, kl_u, top1, mass = per_alignment[name]
-            for top, row in pos:
+        scored = {}
+        for name, pairs in candidates.items():
+            rows = []
+            for top, row in pairs:
                 if not top:
-                    if name == "next-token":
-                        missing_positions += 1
                     continue
                 keys = list(top)
                 server = torch.tensor([float(top[k]) for k in keys], dtype=torch.float64)
                 true_s = vocab.logprobs(steered[row], keys)
-                kl_c.append(_restricted_kl(true_s, server))
-                kl_u.append(_restricted_kl(true_s, vocab.logprobs(plain[row], keys)))
-                top1.append(_norm(keys[int(server.argmax())]) == vocab.strings[int(steered[row].argmax())])
-                mass.append(float(torch.logsumexp(true_s[torch.isfinite(true_s)], 0).exp()))
-                fewest = len(keys) if fewest is None else min(fewest, len(keys))
-    scored = {name: v for name, v in per_alignment.items() if v[0]}
-    if not scored:
+                rows.append(
+                    (
+                        _restricted_kl(true_s, server),
+                        _restricted_kl(true_s, vocab.logprobs(plain[row], keys)),
+                        _norm(keys[int(server.argmax())]) == vocab.strings[int(steered[row].argmax())],
+                        float(torch.logsumexp(true_s[torch.isfinite(true_s)], 0).exp()),
+                        len(keys),
+                    )
+                )
+            if rows:
+                scored[name] = rows
+        if not scored:
+            missing_positions += len(tops)
+            continue
+        # auto: the alignment under which the server is closer to true addition; on a trained model the
+        # wrong one compares distributions of different positions and is far off.
+        name = alignment if alignment != "auto" else min(scored, key=lambda a: _mean([r[0] for r in scored[a]]))
+        rows = scored.get(name) or []
+        counts[name] += 1
+        missing_positions += len(candidates[name]) - len(rows)
+        for c, u, t, m, k in rows:
+            kl_c.append(c)
+            kl_u.append(u)
+            top1.append(t)
+            mass.append(m)
+            fewest = k if fewest is None else min(fewest, k)
+    if not kl_c:
         raise LoraCompileError(
             f"{client.url} echoed none of the {len(token_lists)} prompts as tokenised here "
             f"({no_echo} without prompt echo, {mismatched} tokenised differently): verify --endpoint needs "
             "echo=true with logprobs on /v1/completions and the same base model"
         )
-
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if not math.isnan(v)]
-        return sum(finite) / max(len(finite), 1)
-
-    if alignment == "auto":
-        alignment = min(scored, key=lambda name: mean(scored[name][0]))
-    kl_c, kl_u, top1, mass = scored.get(alignment) or scored[next(iter(scored))]
     if no_echo:
         not_returned.append(f"prompt echo for {no_echo} of {len(token_lists)} prompts (left out)")
     if mismatched:
         not_returned.append(f"the local tokenisation for {mismatched} prompts (tokenised differently; left out)")
+    if dropped:
+        not_returned.append(f"{dropped} special tokens of the prompts in the echo (their positions not compared)")
     if missing_positions:
         not_returned.append(f"top-k logprobs at {missing_positions} positions")
     if fewest is not None and fewest < top_k:
@@ -370,7 +413,7 @@ def verify_endpoint(
                 "tokens": len(true_ids),
             }
         )
-    kl_c_mean, kl_u_mean = mean(kl_c), mean(kl_u)
+    kl_c_mean, kl_u_mean = _mean(kl_c), _mean(kl_u)
     return EndpointReport(
         url=client.url,
         served_model=served_model,
@@ -380,10 +423,10 @@ def verify_endpoint(
         kl_unsteered=kl_u_mean,
         kl_ratio=kl_c_mean / max(kl_u_mean, 1e-30),
         top1_agreement=sum(top1) / len(top1),
-        mass_covered=mean(mass),
+        mass_covered=_mean(mass),
         tokens=len(kl_c),
-        prompts=len(token_lists) - no_echo - mismatched,
-        alignment=alignment,
+        prompts=sum(counts.values()),
+        alignment={k: v for k, v in counts.items() if v},
         requests=client.requests,
         greedy_agreement=agreeing / total if total else None,
         not_returned=not_returned,

@@ -132,7 +132,7 @@ def test_a_server_serving_true_addition_agrees(tiny, vector):
         with serving(server) as url:
             client = EndpointClient(url)
             report = verify_endpoint(client, "happy", tiny, vector, PROMPTS, 2.0, PROMPTS[1:], 8, top_k=10)
-        assert report.alignment == ("shifted" if shifted else "next-token")
+        assert report.alignment == {("shifted" if shifted else "next-token"): len(PROMPTS)}
         assert report.kl_ratio < 1e-6 and report.kl_unsteered > 1e-3
         assert report.top1_agreement == 1.0
         assert report.greedy_agreement == 1.0
