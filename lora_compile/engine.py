@@ -174,7 +174,7 @@ class LlamaCppModel:
             verbose=False,
         )
         if control_vector is not None:
-            n_embd, n_layer = self.llm.n_embd(), self.llm._model.n_layer()
+            n_embd, n_layer = self.llm.n_embd(), self._lib.llama_model_n_layer(self.llm.model)
             self._cvec = read_control_vector(control_vector, n_embd, n_layer, strength)
             pointer = self._cvec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             if self._lib.llama_set_adapter_cvec(self.llm.ctx, pointer, self._cvec.size, n_embd, 1, n_layer):

@@ -220,3 +220,17 @@ def test_endpoint_failures_are_one_line(
     assert errors[-1].startswith("error: ") and message in errors[-1], result.stderr
     assert sum(line.startswith("error:") for line in errors) == 1, result.stderr
     assert "wrong-key-0815" not in result.output
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--served-model", "happy"], "--endpoint and --served-model go together"),
+        (["--endpoint", "ftp://host/v1", "--served-model", "happy"], "give an http:// or https:// URL"),
+        ([], "verify needs --adapter (or --endpoint URL --served-model NAME)"),
+    ],
+)
+def test_endpoint_options_are_checked_first(argv, message, vector_file):
+    result = runner.invoke(app, ["verify", "-v", str(vector_file), *argv])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith("error: ") and message in result.stderr, result.stderr
