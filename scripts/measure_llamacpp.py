@@ -76,9 +76,7 @@ def main() -> None:
     if best is None:
         result, calibration = api.scan(loaded, sites=["resid_post"])
         best = result["recommended"][0]["layer"]
-        print(
-            f"best resid_post layer by scan: {best} (fit error {result['recommended'][0]['ridge']['all']['rms']:.3g})"
-        )
+        print(f"best resid_post layer by scan: {best} (fit error {result['recommended'][0]['rms']:.3g})")
     vector = extract(loaded, read_pairs(corpus.demo_pairs_path()), sorted({best, 10, 18, 0}))
 
     def local(steering: SteeringVector | None) -> tuple[list[torch.Tensor], list[list[int]]]:
