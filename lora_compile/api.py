@@ -758,20 +758,92 @@ def verify_adapter(
     served = torch_dtype(dtype)
     adapter_dir = Path(adapter_dir)
     read_adapter(adapter_dir)  # refused before any model is loaded: no config, not safetensors, unreadable
-    steering = _vector(vector)
-    report_path = adapter_dir / REPORT
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        steering = SteeringVector(
-            steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
-        )
-        coef = report["coef"] if coef is None else coef
+    steering, coef = _adapter_steering(adapter_dir, _vector(vector), coef)
     base = _model(model, device, model_dtype)
     float32_model = base.in_dtype(torch.float32)
     loaded = base if base.dtype == served else float32_model.in_dtype(served)
     steering.validate(loaded)
     samples = corpus.load_texts(prompts, corpus.default_heldout())
     chats = [s for s in samples if s.is_chat][:generations]
-    coef = 1.0 if coef is None else coef
     reference = float32_model if loaded is not float32_model else None
     return verify(loaded, adapter_dir, steering, samples, coef, chats, max_new_tokens, reference)
+
+
+def _adapter_steering(adapter_dir: str | Path | None, steering: SteeringVector, coef: float | None):
+    """Site, layers and coefficient from the adapter's compile report where there is one."""
+    if adapter_dir is not None:
+        report_path = Path(adapter_dir) / REPORT
+        if report_path.is_file():
+            report = json.loads(report_path.read_text())
+            steering = SteeringVector(
+                steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
+            )
+            coef = report["coef"] if coef is None else coef
+    return steering, 1.0 if coef is None else coef
+
+
+def convert_adapter_to_gguf(
+    adapter_dir: str | Path,
+    out: str | Path,
+    model: str | None = None,
+    *,
+    outtype: str = "f32",
+    llama_cpp: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """A compiled adapter as a GGUF LoRA for llama.cpp, made by llama.cpp's own converter.
+
+    ``model``: the base model (default the embedded one); only its config is read.
+    ``llama_cpp``: a llama.cpp source directory holding ``convert_lora_to_gguf.py`` (default:
+    $LORA_COMPILE_LLAMA_CPP, else where ``scripts/setup_engine.sh`` puts it).
+    """
+    from .engine import convert_to_gguf
+
+    check_writable(out, force)
+    read_adapter(Path(adapter_dir))
+    return convert_to_gguf(adapter_dir, out, load_config(model), outtype=outtype, llama_cpp=llama_cpp, force=force)
+
+
+def verify_endpoint(
+    url: str,
+    served_model: str,
+    vector: VectorArg,
+    model: ModelArg = None,
+    *,
+    adapter: str | Path | None = None,
+    prompts: TextsArg = None,
+    coef: float | None = None,
+    top_k: int = 20,
+    generations: int = 3,
+    max_new_tokens: int = 32,
+    timeout: float = 60.0,
+    retries: int = 3,
+    api_key_env: str | None = None,
+    alignment: str = "auto",
+    device: str = DEFAULT_DEVICE,
+    model_dtype: str = DEFAULT_MODEL_DTYPE,
+):
+    """Check an adapter served at an OpenAI-compatible endpoint against true addition computed here.
+
+    ``adapter``: the adapter directory that was deployed, read only for its compile report
+    (site, layers, coefficient); without it the vector's own site and ``coef`` are used. The API
+    key comes from ``api_key_env``, else $LORA_COMPILE_API_KEY, else $OPENAI_API_KEY.
+    Returns an ``endpoint.EndpointReport``.
+    """
+    from .endpoint import EndpointClient, api_key, check_model
+    from .endpoint import verify_endpoint as run
+
+    if top_k < 1:
+        raise LoraCompileError(f"--top-k {top_k}: ask for at least 1 logprob per position")
+    if timeout <= 0 or retries < 0:
+        raise LoraCompileError("--timeout must be positive and --retries not negative")
+    client = EndpointClient(url, api_key(api_key_env), timeout=timeout, retries=retries)
+    if adapter is not None:
+        read_adapter(Path(adapter))
+    steering, coef = _adapter_steering(adapter, _vector(vector), coef)
+    samples = corpus.load_texts(prompts, corpus.default_heldout())
+    notes = check_model(client, served_model)  # an unreachable server or a wrong name fails before the model loads
+    loaded = _model(model, device, model_dtype)
+    steering.validate(loaded)
+    chats = [s for s in samples if s.is_chat][:generations]
+    return run(client, served_model, loaded, steering, samples, coef, chats, max_new_tokens, top_k, notes, alignment)

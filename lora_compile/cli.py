@@ -20,6 +20,7 @@ from .display import (
     dtype_table,
     out,
     print_compile,
+    print_endpoint,
     print_memory,
     print_refine,
     print_scan,
@@ -351,8 +352,11 @@ def calibrate_cmd(
 
 @app.command()
 def verify(
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="Adapter directory.")],
     vector: Annotated[Path, typer.Option("--vector", "-v", help="The steering vector the adapter was compiled from.")],
+    adapter: Annotated[
+        Path | None,
+        typer.Option("--adapter", "-a", help="Adapter directory (with --endpoint: read only for its compile report)."),
+    ] = None,
     model: ModelOpt = None,
     prompts: Annotated[
         list[Path] | None, typer.Option(help="Held-out prompts (.txt or .jsonl). Default: shipped held-out set.")
@@ -373,10 +377,38 @@ def verify(
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     force: ForceOpt = False,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Check the adapter as served at this OpenAI-compatible URL (…/v1) instead of loading it here; "
+            "API key from $LORA_COMPILE_API_KEY or $OPENAI_API_KEY."
+        ),
+    ] = None,
+    served_model: Annotated[
+        str | None, typer.Option(help="With --endpoint: the model name the adapter is served under.")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="With --endpoint: logprobs asked per position.")] = 20,
+    timeout: Annotated[float, typer.Option(help="With --endpoint: seconds to wait for one answer.")] = 60.0,
+    retries: Annotated[int, typer.Option(help="With --endpoint: retries of a failed request (backoff).")] = 3,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="With --endpoint: the environment variable holding the API key.")
+    ] = None,
+    echo_alignment: Annotated[
+        str,
+        typer.Option(
+            help="With --endpoint: an echoed logprob at token i predicts token i (next-token, OpenAI), or follows "
+            "it (shifted, llama-cpp-python); auto: detected from the data."
+        ),
+    ] = "auto",
 ) -> None:
-    """Check the PEFT-loaded adapter against true activation addition on held-out prompts."""
+    """Check the PEFT-loaded adapter (or one served at --endpoint) against true activation addition."""
+    if endpoint is not None or served_model is not None:
+        _verify_endpoint(**{k: v for k, v in locals().items() if k != "dtype"})
+        return
 
     def body():
+        if adapter is None:
+            raise LoraCompileError("verify needs --adapter (or --endpoint URL --served-model NAME)")
         if json_out is not None:
             api.check_writable(json_out, force)
         dtypes = list(dict.fromkeys(dtype or ["float32"]))
@@ -413,6 +445,42 @@ def verify(
             f"[red]fail:[/red] KL ratio {r.kl_ratio:.3g} in {r.dtype} is above --max-kl-ratio {max_kl_ratio}"
         )
     if failed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _verify_endpoint(**opts) -> None:
+    def body():
+        if not opts["endpoint"] or not opts["served_model"]:
+            raise LoraCompileError("--endpoint and --served-model go together: give both")
+        if opts["json_out"] is not None:
+            api.check_writable(opts["json_out"], opts["force"])
+        report = api.verify_endpoint(
+            opts["endpoint"],
+            opts["served_model"],
+            opts["vector"],
+            opts["model"],
+            adapter=opts["adapter"],
+            prompts=opts["prompts"],
+            coef=opts["coef"],
+            top_k=opts["top_k"],
+            generations=opts["generations"],
+            timeout=opts["timeout"],
+            retries=opts["retries"],
+            api_key_env=opts["api_key_env"],
+            alignment=opts["echo_alignment"],
+            device=opts["device"],
+            model_dtype=opts["model_dtype"],
+        )
+        print_endpoint(report)
+        if opts["json_out"] is not None:
+            api.write_json(opts["json_out"], report.to_dict(), opts["force"])
+        return report
+
+    report = _run(body)
+    if report.kl_ratio > opts["max_kl_ratio"]:
+        Console(stderr=True).print(
+            f"[red]fail:[/red] KL ratio {report.kl_ratio:.3g} (top-k) is above --max-kl-ratio {opts['max_kl_ratio']}"
+        )
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -602,6 +670,31 @@ def export_cmd(
     def body():
         path = api.export_gguf(vector, output, layers=_layers(layers), model=model, force=force)
         out.print(f"wrote {path}")
+
+    _run(body)
+
+
+@app.command("export-gguf-lora")
+def export_gguf_lora(
+    adapter: Annotated[Path, typer.Argument(help="A compiled adapter directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="GGUF LoRA to write (.gguf).")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The base model (default: embedded); only its config is read.")
+    ] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF tensor type: f32 (exact), f16, bf16 or q8_0.")] = "f32",
+    llama_cpp: Annotated[
+        Path | None,
+        typer.Option(
+            help="llama.cpp source directory with convert_lora_to_gguf.py (default: scripts/setup_engine.sh's)."
+        ),
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Convert a compiled adapter into a GGUF LoRA for llama.cpp, with llama.cpp's own converter."""
+
+    def body():
+        path = api.convert_adapter_to_gguf(adapter, output, model, outtype=outtype, llama_cpp=llama_cpp, force=force)
+        out.print(f"wrote {path}  (llama.cpp: --lora {path})")
 
     _run(body)
 

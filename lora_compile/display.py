@@ -162,6 +162,31 @@ def print_compile(report: dict) -> None:
             )
 
 
+def print_endpoint(report) -> None:
+    table = Table(
+        title=f"verify: {report.served_model} at {report.url} vs true activation addition (top-{report.top_k})"
+    )
+    for col in ("tokens", "KL(true‖served), top-k", "KL(true‖unsteered), top-k", "ratio", "top-1 agree", "mass"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(report.tokens),
+        _fmt(report.kl_compiled),
+        _fmt(report.kl_unsteered),
+        f"[bold]{_fmt(report.kl_ratio)}[/bold]",
+        f"{report.top1_agreement:.1%}",
+        f"{report.mass_covered:.3f}",
+    )
+    out.print(table)
+    out.print(
+        f"{report.prompts} prompts, {report.requests} requests; KL on the server's top-k set, both sides "
+        "renormalised on it; echo alignment: " + ", ".join(f"{k} ({v} prompts)" for k, v in report.alignment.items())
+    )
+    for g in report.generations:
+        out.print(f"greedy agreement: {g['tokens_agreeing']}/{g['tokens']} tokens  [dim]{g['prompt'][:70]}[/dim]")
+    for missing in report.not_returned:
+        out.print(f"[yellow]not returned:[/yellow] {missing}")
+
+
 def check_table(results: dict[str, list[str]], chosen: str) -> Table:
     table = Table(title="check: will each serving target load this adapter as PEFT does?", show_lines=True)
     for col in ("target", "verdict", "reasons"):

@@ -76,11 +76,17 @@ def _interrupt(args: list[str], sig: int, when_line: str | None = None, when_pat
 @pytest.mark.parametrize(
     "command, sig, when",
     [
-        (["compile", "-v", "{d}/v.safetensors", "--texts", "{d}/big.jsonl", "-o", "{o}/out"], signal.SIGINT,
-         "calibrating"),
+        (
+            ["compile", "-v", "{d}/v.safetensors", "--texts", "{d}/big.jsonl", "-o", "{o}/out"],
+            signal.SIGINT,
+            "calibrating",
+        ),
         (["scan", "--texts", "{d}/big.jsonl", "--layers", "1", "-o", "{o}"], signal.SIGTERM, "calibrating"),
-        (["extract", "--pairs", "{d}/pairs.jsonl", "--layer", "1", "-o", "{o}/out.safetensors"], signal.SIGINT,
-         "reading activations"),
+        (
+            ["extract", "--pairs", "{d}/pairs.jsonl", "--layer", "1", "-o", "{o}/out.safetensors"],
+            signal.SIGINT,
+            "reading activations",
+        ),
     ],
     ids=["compile-SIGINT", "scan-SIGTERM", "extract-SIGINT"],
 )
