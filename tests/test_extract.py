@@ -76,6 +76,7 @@ def _reference_vector(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarr
 
 
 @pytest.mark.numeric
+@pytest.mark.kernel_stable
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("method", METHODS)
 def test_extraction_matches_hidden_states_computed_independently(smol, reference_states, method, position, bound):

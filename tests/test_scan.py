@@ -7,7 +7,8 @@ import pytest
 from lora_compile import corpus, scan
 from lora_compile.scan import plot_scan, recommend
 
-pytestmark = pytest.mark.numeric  # tolerances that depend on CPU kernels: run under two in CI
+# Numeric bounds, measured the same under all six CPU kernel variants (README): CI's second run skips them.
+pytestmark = [pytest.mark.numeric, pytest.mark.kernel_stable]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from lora_compile.extract import extract, read_pairs
 from lora_compile.vectors import save_vector
 from lora_compile.verify import _lora_deltas, peft_adapter
 
-pytestmark = pytest.mark.numeric  # tolerances that depend on CPU kernels: run under two in CI
+# Numeric bounds, measured the same under all six CPU kernel variants (README): CI's second run skips them.
+pytestmark = [pytest.mark.numeric, pytest.mark.kernel_stable]
 
 LAYERS = [8, 10, 12, 14]
 # resid_mid only: where the sequential fit pays off; the resid_post comparison (within 15%,
