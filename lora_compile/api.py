@@ -800,7 +800,15 @@ def convert_adapter_to_gguf(
     from .engine import convert_to_gguf
 
     check_writable(out, force)
-    read_adapter(Path(adapter_dir))
+    adapter = read_adapter(Path(adapter_dir))
+    if any(".lora_embedding_" in key for key in adapter.tensors):
+        # Measured with llama-cpp-python 0.3.36: its converter takes the embedding LoRA, and llama.cpp
+        # then aborts the process at the first token (GGML_ASSERT(ggml_can_mul_mat(a, b))).
+        raise LoraCompileError(
+            f"{adapter_dir} is an embedding LoRA (resid_pre 0): llama.cpp aborts on it after conversion "
+            "(GGML_ASSERT in ggml_can_mul_mat, llama.cpp 0.3.36); serve it with PEFT, vLLM or SGLang, "
+            "or compile at resid_post / resid_mid for llama.cpp"
+        )
     return convert_to_gguf(adapter_dir, out, load_config(model), outtype=outtype, llama_cpp=llama_cpp, force=force)
 
 

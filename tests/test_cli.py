@@ -171,6 +171,9 @@ def test_resid_pre_compile_merge_and_verify_in_two_dtypes(tiny_dir, tmp_path, te
     assert "by served dtype" in ok.output
     _fails([*args, "--dtype", "int8"], tmp_path, "unknown dtype 'int8'")
     _fails(["merge", "-a", str(out), "-o", str(merged), "--model", tiny_dir], tmp_path, "already exists")
+    # llama.cpp aborts on an embedding LoRA its converter made: refused before converting.
+    gguf = ["export-gguf-lora", str(out), "-o", str(tmp_path / "a.gguf"), "--model", tiny_dir]
+    _fails(gguf, tmp_path, "is an embedding LoRA (resid_pre 0): llama.cpp aborts on it")
 
 
 def test_scan_refuses_the_exact_site(tiny_dir, tmp_path, texts):
