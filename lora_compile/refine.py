@@ -152,9 +152,13 @@ class _Runner:
         loaded = self.loaded
         out = []
         for batch, ids, mask in padded_batches(token_lists, loaded.tokenizer.pad_token_id, batch_samples * max_tokens):
-            ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-            out.append(_Batch(self._stream(ids, mask) if self.skip else ids, mask, batch))
+            out.append(self.batch(batch, ids, mask))
         return out
+
+    def batch(self, indices: list[int], ids: torch.Tensor, mask: torch.Tensor) -> _Batch:
+        """One batch on the model's device: the stream entering layer ``first`` where it can be cached."""
+        ids, mask = ids.to(self.loaded.device), mask.to(self.loaded.device)
+        return _Batch(self._stream(ids, mask) if self.skip else ids, mask, indices)
 
     def _stream(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The residual stream entering layer ``first`` (unsteered: steering starts at or after it)."""
@@ -406,8 +410,7 @@ def heldout_kl(
         for ids_batch, ids, mask in track(
             list(padded_batches(token_lists, loaded.tokenizer.pad_token_id, batch_tokens)), "held-out KL"
         ):
-            ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-            batch = _Batch(runner._stream(ids, mask) if runner.skip else ids, mask, ids_batch)
+            batch = runner.batch(ids_batch, ids, mask)
             _set(params, None)
             plain = runner.logits(batch)
             with true_addition(loaded, vector, coef):
@@ -417,7 +420,7 @@ def heldout_kl(
                 _set(params, factors)
                 kl_a[name].append(_kl(target, runner.logits(batch), torch.float64).cpu())
             for row, i in enumerate(ids_batch):
-                domains += [samples[i].domain] * int(mask[row].sum())
+                domains += [samples[i].domain] * int(batch.mask[row].sum())
     unsteered = torch.cat(kl_u)
     labels = sorted(set(domains))
     index = torch.tensor([labels.index(d) for d in domains])
