@@ -19,6 +19,7 @@ from .calibrate import (
     calibrate_exact,
     calibrate_sequential,
     compiled_deltas,
+    encode,
     exact_projections,
     post_norm_gain,
     project_inputs,
@@ -26,16 +27,34 @@ from .calibrate import (
     writer_outputs,
 )
 from .devices import DEFAULT_DEVICE, DEFAULT_MODEL_DTYPE, PeakMemory, peak_memory
-from .emit import REPORT, SiteWeights, adapter_config, adapter_tensors, write_adapter_files, writer_factors
+from .emit import (
+    REPORT,
+    Factors,
+    SiteWeights,
+    adapter_config,
+    adapter_tensors,
+    balanced,
+    write_adapter_files,
+    writer_factors,
+)
 from .errors import LoraCompileError
 from .extract import ContrastPair, check_options, extract, read_contrast_texts, read_pairs
-from .fit import check_direction_method, choose_ridge, fit_direction, fit_errors, fit_post_norm_vector
+from .fit import (
+    check_direction_method,
+    choose_ridge,
+    fit_direction,
+    fit_errors,
+    fit_post_norm_vector,
+    predicted_kl_ratio,
+)
 from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .momentsfile import load_moments, model_fingerprint, read_header, save_moments
 from .outputs import atomic_outputs, check_writable
-from .refine import RefineOptions, balanced, heldout_kl, train_lora
+from .refine import RefineOptions, heldout_kl, train_lora
+from .routes import ValueRouteFit, check_route, fit_value_route, value_route_modules
 from .scan import (
+    add_value_routes,
     memory_plan,
     plan_layer_groups,
     plot_scan,
@@ -188,6 +207,8 @@ def scan(
     model_dtype: str = DEFAULT_MODEL_DTYPE,
     group_layers: int | None = None,
     moments: MomentsArg = None,
+    vector: VectorArg = None,
+    coef: float = 1.0,
 ) -> tuple[dict, Calibration | None]:
     """Fit error of ridge and axis directions at every site; returns (result, calibration).
 
@@ -199,6 +220,11 @@ def scan(
     planned from the free memory of the model's device, see ``scan.plan_layer_groups``); a scan in
     several groups keeps no moments and returns None for the calibration. ``result["memory"]``
     has the plan and the peak memory.
+
+    ``vector``: also fit the value route (``routes``) for ``coef·vector`` at every ``resid_mid``
+    layer the vector has, and report its held-out error beside the writer's (``value_route`` in
+    those rows). Give the coefficient you will compile with: the writer's share is fitted on its
+    input shifted by the value LoRA, a shift proportional to it.
     """
     for path in (out_json, out_png):
         if path is not None:
@@ -206,6 +232,9 @@ def scan(
     if group_layers is not None and group_layers < 1:
         raise LoraCompileError(f"--group-layers {group_layers}: give a positive number of layers per group")
     loaded = _model(model, device, model_dtype)
+    steering = _vector(vector) if vector is not None else None
+    if steering is not None:
+        steering.validate(loaded)
     if moments and sites is None and layers is None:
         keys = [(k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])) for k in read_header(moments[0])["site_counts"]]
         keys.sort()
@@ -229,6 +258,10 @@ def scan(
             samples = calibration_samples(loaded, texts, self_generated, seed)
             groups = plan_layer_groups(loaded, keys, group_layers)
             result, calibration = scan_in_groups(loaded, samples, heldout_samples, keys, groups, ridge)
+        if steering is not None and distributed.is_main():
+            samples = calibration_samples(loaded, texts, self_generated, seed)
+            directions = {layer: coef * d for layer, d in steering.directions.items()}
+            add_value_routes(loaded, result, directions, samples, heldout_samples, ridge)
     result["memory"] = {**peak.to_dict(), **memory_plan(loaded, keys, groups)}
     if distributed.is_main():  # under torchrun the other ranks only helped calibrate
         write_outputs(
@@ -457,6 +490,7 @@ def compile_adapter(
     approximate: bool = False,
     refine: bool = False,
     refine_options: RefineOptions | None = None,
+    route: str = "writer",
 ) -> CompileResult:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter at ``out_dir``, shaped for ``target``.
 
@@ -483,8 +517,16 @@ def compile_adapter(
     the closed form where that does not help on a validation split of the calibration text. The
     report's ``refine`` has the KL ratio on ``heldout`` before and after, per domain. ``resid_pre``
     is exact already: refinement is skipped there, with a warning.
+
+    ``route`` (``resid_mid`` of architectures with a value projection): ``"writer"`` compiles the
+    writer's LoRA alone; ``"both"`` adds the value route (``routes.fit_value_route``: a second
+    rank-1 LoRA on the value projection, the writer's LoRA carrying the rest); ``"auto"`` keeps the
+    value route at each layer where its held-out error is below the writer's alone. Each layer's
+    report has ``route`` and ``value_route`` (both routes' held-out errors). Three more passes
+    per layer; not with a sequential multi-layer compile.
     """
     check_writable(out_dir, force)
+    check_route(route)
     options = refine_options or RefineOptions()
     options.check()
     if options.rank != 1 and not refine:
@@ -507,8 +549,7 @@ def compile_adapter(
             loaded, steering, out_dir, prof, peak, coef=coef, direction=direction, ridge=ridge, texts=texts,
             heldout=heldout, self_generated=self_generated, seed=seed, force=force, calibration=calibration,
             dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir, moments=moments,
-            approximate=approximate,
-            refine_options=options if refine else None,
+            approximate=approximate, refine_options=options if refine else None, route=route,
         )  # fmt: skip
 
 
@@ -535,6 +576,7 @@ def _compile(
     moments: MomentsArg = None,
     approximate: bool = False,
     refine_options: RefineOptions | None = None,
+    route: str = "writer",
 ) -> CompileResult:
     warnings = []
     if base_model_id is None and loaded.is_local:
@@ -573,6 +615,7 @@ def _compile(
 
     exact = loaded.arch.site(steering.site).embedding
     sequential = sequential and len(keys) > 1 and not exact
+    value_routes = _value_route_keys(loaded, keys, route, sequential, reason is not None)
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
     if exact:
         # An embedding LoRA's input is a one-hot token: b = 1 gives b·x = 1 exactly, nothing to fit.
@@ -598,7 +641,15 @@ def _compile(
         with compiled_deltas(loaded, {k: (directions[k], writer_vectors[k]) for k in keys}):
             projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     directions = {k: d.cpu() for k, d in directions.items()}  # fitted where the moments were; emitted on the CPU
-    steered, layer_reports = [], []
+    route_fits = {}
+    if value_routes:
+        calibration_tokens, heldout_tokens = encode(loaded, samples()), encode(loaded, heldout_samples)
+        heldout_domains = [s.domain for s in heldout_samples]
+        for k in value_routes:
+            route_fits[k] = fit_value_route(
+                loaded, k, vectors[k], calibration_tokens, heldout_tokens, heldout_domains, ridge
+            )
+    steered, layer_reports, value_factors = [], [], {}
     for key in keys:
         vec = vectors[key]
         steered.append(SiteWeights(key[0], key[1], directions[key], writer_vectors[key]))
@@ -612,6 +663,13 @@ def _compile(
                 "ridge": lambdas.get(key) if direction == "ridge" else None,
             }
         )
+        layer_reports[-1]["route"] = "writer"
+        if key in route_fits:
+            kept = _keeps_value_route(route, route_fits[key], layer_reports[-1]["fit_error"]["all"]["rms"])
+            layer_reports[-1]["value_route"] = {**route_fits[key].to_dict(), "kept": kept}
+            if kept:
+                layer_reports[-1]["route"] = "both"
+                value_factors.update(route_fits[key].factors())
         if key in post_norm_fits:
             layer_reports[-1]["post_norm"] = {
                 "module": loaded.arch.post_norm(*key),
@@ -622,7 +680,10 @@ def _compile(
     if refine_options is not None and exact:
         warnings.append(f"--refine skipped: {steering.site} is exact (an embedding LoRA), there is nothing to refine")
     elif refine_options is not None:
-        factors, refined = _refine(loaded, steering, coef, steered, samples(), heldout_samples, refine_options)
+        closed = {**writer_factors(loaded, steered), **value_factors}
+        factors, refined = _refine(loaded, steering, coef, closed, samples(), heldout_samples, refine_options)
+    elif value_factors:
+        factors = {**writer_factors(loaded, steered), **value_factors}
     tensors = adapter_tensors(loaded, steered, prof, dtype, factors=factors)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
     base_model = base_model_id or loaded.model_id
@@ -647,7 +708,8 @@ def _compile(
             **({} if exact else files),
         },
         "heldout_domains": sorted({s.domain for s in heldout_samples}),
-        "predicted_delta_rel_error": max(x["fit_error"]["all"]["rms"] for x in layer_reports),
+        "predicted_delta_rel_error": max(_kept_error(x) for x in layer_reports),
+        "predicted_kl_ratio": 0.0 if exact else predicted_kl_ratio(max(_kept_error(x) for x in layer_reports)),
         "layers": layer_reports,
         "vector_metadata": steering.metadata,
         "rank": config["r"],
@@ -665,17 +727,49 @@ def _compile(
     return CompileResult(Path(out_dir), report, Path(merge_dir) if merge_dir is not None else None)
 
 
+def _value_route_keys(loaded: LoadedModel, keys: list, route: str, sequential: bool, post_norm: bool) -> list:
+    """The sites where the value route is fitted; a one-line error where ``route="both"`` cannot be."""
+    if route == "writer":
+        return []
+    if sequential:
+        raise LoraCompileError(
+            f"--route {route} is not calibrated sequentially yet: pass --independent, or compile one layer"
+        )
+    usable = []
+    for key in keys:
+        try:
+            if post_norm:
+                raise LoraCompileError(f"{key[0]} {key[1]} is behind a post-writer norm: no value route")
+            value_route_modules(loaded, key)
+        except LoraCompileError as err:
+            if route == "both":
+                raise LoraCompileError(f"--route both: {err}; use --route writer") from None
+            continue
+        usable.append(key)
+    return usable
+
+
+def _keeps_value_route(route: str, fit: ValueRouteFit, writer_error: float) -> bool:
+    return route == "both" or fit.heldout_error["all"] < writer_error
+
+
+def _kept_error(layer_report: dict) -> float:
+    """Held-out relative error of the added vector by the route the layer kept."""
+    if layer_report["route"] == "both":
+        return layer_report["value_route"]["heldout_error"]["all"]
+    return layer_report["fit_error"]["all"]["rms"]
+
+
 def _refine(
     loaded: LoadedModel,
     steering: SteeringVector,
     coef: float,
-    steered: list[SiteWeights],
+    closed: Factors,
     samples: list[corpus.Sample],
     heldout_samples: list[corpus.Sample],
     options: RefineOptions,
 ) -> tuple[dict, dict]:
-    """Refined factors (or the closed form's, where refinement did not help) and the report's ``refine``."""
-    closed = writer_factors(loaded, steered)
+    """Refined factors (or the closed form's ``closed``, where refinement did not help) and the report's ``refine``."""
     result = train_lora(loaded, steering, samples, coef=coef, init="closed_form", factors=closed, options=options)
     kept = "refined" if result.best_step > 0 else "closed_form"
     factors = balanced(result.factors) if kept == "refined" else closed

@@ -160,6 +160,14 @@ def scan(
     moments: MomentsOpt = None,
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
+    vector: Annotated[
+        str | None,
+        typer.Option(
+            help="A steering vector: also fit the value route (v_proj + o_proj) at each resid_mid layer it has "
+            "and show its held-out error beside o_proj's (three passes per layer).",
+        ),
+    ] = None,
+    coef: Annotated[float, typer.Option(help="With --vector: the coefficient you will compile with.")] = 1.0,
     force: ForceOpt = False,
 ) -> None:
     """Map the constant directions of every layer and site: fit error of ridge vs one-axis directions."""
@@ -182,6 +190,8 @@ def scan(
             model_dtype=model_dtype,
             group_layers=group_layers,
             moments=moments,
+            vector=vector,
+            coef=coef,
         )
         if not distributed.is_main():
             return
@@ -242,6 +252,13 @@ def compile_cmd(
             "normalised before it joins the stream: approximate, check it with verify.",
         ),
     ] = False,
+    route: Annotated[
+        str,
+        typer.Option(
+            help="resid_mid only: 'writer' (o_proj alone), 'both' (add a rank-1 LoRA on v_proj: attention "
+            "averages its input, the rest stays on o_proj), 'auto' (both where it wins on held-out text).",
+        ),
+    ] = "writer",
     refine: Annotated[
         bool,
         typer.Option(
@@ -284,6 +301,7 @@ def compile_cmd(
             approximate=approximate,
             refine=refine,
             refine_options=RefineOptions(rank=rank, steps=refine_steps, seed=seed),
+            route=route,
         )
         if not distributed.is_main():
             return

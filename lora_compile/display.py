@@ -23,6 +23,7 @@ def scan_table(result: dict, top: int = 3) -> Table:
         "site",
         "layer",
         "ridge rms",
+        "KL ratio ≈",
         "ridge max",
         "ridge first",
         "axis rms",
@@ -42,6 +43,7 @@ def scan_table(result: dict, top: int = 3) -> Table:
             r["site"],
             str(r["layer"]),
             _fmt(ridge["rms"]),
+            _fmt(r["predicted_kl_ratio"]),
             _fmt(ridge["max"]),
             _fmt(ridge["rms_first"]),
             _fmt(axis["rms"]),
@@ -56,11 +58,28 @@ def scan_table(result: dict, top: int = 3) -> Table:
 def print_scan(result: dict) -> None:
     out.print(scan_table(result))
     ratios = ", ".join(f"{s} {v:.1f}×" for s, v in result["median_axis_over_ridge"].items())
-    out.print(f"median axis/ridge error: {ratios}")
+    out.print(f"median axis/ridge error: {ratios}; KL ratio ≈: predicted from the ridge error (README)")
     recs = "; ".join(f"{r['site']} {r['layer']} (rms {_fmt(r['rms'])})" for r in result["recommended"])
     out.print(f"[bold]recommended sites:[/bold] {recs}")
     for reason in result.get("approximate", {}).values():
         out.print(f"approximate: {reason} (compile needs --approximate)")
+    routed = [r for r in result["sites"] if "value_route" in r]
+    if routed:
+        table = Table(title="the value route at resid_mid (compile --route both / auto), for this vector")
+        for col in ("layer", "o_proj alone", "value route + o_proj", "reaches (of ‖v‖²)", "KL ratio ≈"):
+            table.add_column(col, justify="right")
+        for r in sorted(routed, key=lambda r: r["layer"]):
+            v = r["value_route"]
+            both = _fmt(v["heldout_error"]["all"])
+            wins = v["heldout_error"]["all"] < r["ridge"]["all"]["rms"]
+            table.add_row(
+                str(r["layer"]),
+                _fmt(r["ridge"]["all"]["rms"]),
+                f"[bold green]{both}[/bold green]" if wins else both,
+                f"{v['reached']:.0%}",
+                _fmt(v["predicted_kl_ratio"]),
+            )
+        out.print(table)
 
 
 def verify_table(report: VerifyReport) -> Table:
@@ -151,6 +170,18 @@ def print_compile(report: dict) -> None:
             f"{worst} {_fmt(domains[worst])}",
         )
     out.print(table)
+    if not report.get("exact"):
+        out.print(
+            f"predicted held-out KL ratio ≈ {_fmt(report['predicted_kl_ratio'])} (from the error; verify measures it)"
+        )
+    for x in report["layers"]:
+        if "value_route" in x:
+            v = x["value_route"]
+            out.print(
+                f"layer {x['layer']}: value route via {v['values_module']} (reaches {v['reached']:.0%} of ‖v‖²): "
+                f"held-out error {_fmt(v['heldout_error']['all'])} with it, {_fmt(x['fit_error']['all']['rms'])} "
+                f"without: {'kept' if v['kept'] else 'not kept'}"
+            )
     if report.get("approximate"):
         out.print(f"approximate: {report['approximate']}")
         for x in report["layers"]:

@@ -26,6 +26,7 @@ from .outputs import atomic_dir
 from .targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGET, DTYPES, KEY_PREFIX, PROFILES, TargetProfile
 
 REPORT = "compile_report.json"
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (A [r, in], B [out, r])
 
 
 @dataclass
@@ -96,13 +97,13 @@ def embedding_tensors(loaded: LoadedModel, sw: SiteWeights, rank: int = 1) -> di
     return {f"{KEY_PREFIX}{writer}.lora_embedding_A": a, f"{KEY_PREFIX}{writer}.lora_embedding_B": b}
 
 
-def writer_factors(loaded: LoadedModel, steered: list[SiteWeights]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def writer_factors(loaded: LoadedModel, steered: list[SiteWeights]) -> Factors:
     """Per writer module of the fitted (non-embedding) sites: the balanced rank-1 factors, float64.
 
     ``A = k·b`` [1, in] and ``B = s/k`` [out, 1] with ``‖A‖ = ‖B‖``; a site with several writers
     splits ``b`` among them.
     """
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: Factors = {}
     for sw in steered:
         if loaded.arch.site(sw.site).embedding:
             continue
@@ -116,19 +117,35 @@ def writer_factors(loaded: LoadedModel, steered: list[SiteWeights]) -> dict[str,
     return factors
 
 
+def balanced(factors: Factors) -> Factors:
+    """Each rank component rescaled so ``‖A_i‖ = ‖B_i‖`` (B·A unchanged), for the bf16/fp16 range."""
+    out = {}
+    for w, (a, b) in factors.items():
+        a, b = a.double().clone(), b.double().clone()
+        for i in range(a.shape[0]):
+            na, nb = a[i].norm(), b[:, i].norm()
+            if na > 0 and nb > 0:
+                k = torch.sqrt(nb / na)
+                a[i] *= k
+                b[:, i] /= k
+        out[w] = (a, b)
+    return out
+
+
 def adapter_tensors(
     loaded: LoadedModel,
     steered: list[SiteWeights],
     target: TargetProfile = PROFILES[DEFAULT_TARGET],
     dtype: str | None = None,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    factors: Factors | None = None,
 ) -> dict[str, torch.Tensor]:
     """``lora_A`` / ``lora_B`` of every targeted writer module, shaped for ``target``.
 
     Every layer of a targeted module when the target needs it, else only the steered ones;
     the factors' rank (``writer_factors``: 1; a refined adapter's may be more), zero-padded to
-    ``target.rank_for``; saved in ``dtype`` (default: the target's). ``factors`` (writer →
-    ``(A [r, in], B [out, r])``) replaces the closed form's, e.g. after ``refine``.
+    ``target.rank_for``; saved in ``dtype`` (default: the target's). ``factors`` (module →
+    ``(A [r, in], B [out, r])``) replaces the closed form's, e.g. after ``refine``, and may hold
+    modules other than the writers (the value route's value projection).
     """
     dtype = dtype or target.default_dtype
     target.check_dtype(dtype)
@@ -138,7 +155,8 @@ def adapter_tensors(
     for sw in [sw for sw in steered if loaded.arch.site(sw.site).embedding]:
         tensors.update(embedding_tensors(loaded, sw, rank))
     steered = [sw for sw in steered if not loaded.arch.site(sw.site).embedding]
-    shorts = sorted({_short_name(w) for sw in steered for w in loaded.arch.writers(sw.site, sw.layer)})
+    modules = {w for sw in steered for w in loaded.arch.writers(sw.site, sw.layer)} | set(by_writer)
+    shorts = sorted({_short_name(m) for m in modules})
     layers = set(range(loaded.num_layers)) if target.every_layer else {sw.layer for sw in steered}
     for short in shorts:
         for writer in _targeted_modules(loaded, short, layers):

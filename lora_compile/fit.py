@@ -158,6 +158,20 @@ def fit_error(values: torch.Tensor, position: torch.Tensor) -> FitError:
     )
 
 
+# The held-out KL ratio, KL(true addition ‖ adapter) / KL(true addition ‖ unsteered), predicted from
+# the held-out fit error e (RMS of b·x − 1). The writer's error at token i is (b·x_i − 1)·v, along
+# the vector itself, so to second order in the logits that token's KL is e_i² times the unsteered
+# one's, and the ratio is ≈ mean(e_i²) = e². At coefficient 4 the unsteered KL grows more slowly
+# than quadratically; the constant is the geometric mean of ratio / e² over measured adapters
+# (README "What each site delivers": both routes, 8 layers and the calibration-size curve).
+KL_RATIO_PER_SQUARED_ERROR = 0.7
+
+
+def predicted_kl_ratio(fit_error: float) -> float:
+    """The held-out KL ratio an adapter with held-out fit error ``fit_error`` is expected to reach."""
+    return KL_RATIO_PER_SQUARED_ERROR * fit_error**2
+
+
 def fit_errors(projections: Projections, column: int = 0) -> dict[str, FitError]:
     """Fit error overall (key ``"all"``) and per domain, for one direction column."""
     values = projections.values[:, column]

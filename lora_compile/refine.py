@@ -34,13 +34,13 @@ from torch import nn
 
 from .calibrate import _StopForward, encode, padded_batches
 from .corpus import Sample
+from .emit import Factors
 from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
 from .verify import VERIFY_MAX_TOKENS, true_addition
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # writer → (A [r, in], B [out, r])
 INITS = ("closed_form", "standard")
 
 
@@ -260,21 +260,6 @@ def _widen(loaded: LoadedModel, factors: Factors, rank: int, generator: torch.Ge
     return out
 
 
-def balanced(factors: Factors) -> Factors:
-    """Each rank component rescaled so ``‖A_i‖ = ‖B_i‖`` (B·A unchanged; bf16/fp16 range, as emit balances)."""
-    out = {}
-    for w, (a, b) in factors.items():
-        a, b = a.double().clone(), b.double().clone()
-        for i in range(a.shape[0]):
-            na, nb = a[i].norm(), b[:, i].norm()
-            if na > 0 and nb > 0:
-                k = torch.sqrt(nb / na)
-                a[i] *= k
-                b[:, i] /= k
-        out[w] = (a, b)
-    return out
-
-
 def train_lora(
     loaded: LoadedModel,
     vector: SteeringVector,
@@ -290,8 +275,9 @@ def train_lora(
 
     ``samples``: calibration text, split by ``split_samples`` into training and validation parts.
     ``init="closed_form"`` starts from ``factors`` (``emit.writer_factors`` of the compiled
-    directions); ``init="standard"`` from PEFT's default init (``factors`` unused but for the
-    writers). Returns the factors best on validation (step 0 included) with the run's history.
+    directions, with the value route's factors where compile kept it); ``init="standard"`` from
+    PEFT's default init (on the writers; ``factors`` unused). Returns the factors best on
+    validation (step 0 included) with the run's history.
     """
     options.check()
     if init not in INITS:
@@ -300,6 +286,8 @@ def train_lora(
         raise LoraCompileError("init='closed_form' needs the closed-form factors (emit.writer_factors)")
     start = time.perf_counter()
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
+    if init == "closed_form":
+        writers = sorted(factors)  # the writers, and the value projections where the value route was kept
     generator = torch.Generator().manual_seed(options.seed)
     if init == "standard":
         initial = _standard_init(loaded, writers, options.rank, generator)

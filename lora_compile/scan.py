@@ -17,7 +17,15 @@ from .calibrate import Calibration, SiteKey, calibrate, project_inputs, site_dim
 from .corpus import Sample
 from .devices import device_memory_bytes
 from .errors import LoraCompileError
-from .fit import choose_ridge, fit_axis, fit_errors, fit_ridge, outlier_dimensions
+from .fit import (
+    KL_RATIO_PER_SQUARED_ERROR,
+    choose_ridge,
+    fit_axis,
+    fit_errors,
+    fit_ridge,
+    outlier_dimensions,
+    predicted_kl_ratio,
+)
 from .models import LoadedModel
 
 RECOMMEND = 3
@@ -141,6 +149,7 @@ def site_rows(
                 "writers": list(loaded.arch.writers(site, layer)),
                 "ridge": {d: e.to_dict() for d, e in ridge_err.items()},
                 "axis": {d: e.to_dict() for d, e in axis_err.items()},
+                "predicted_kl_ratio": predicted_kl_ratio(ridge_err["all"].rms),
                 "ridge_lambda": lambdas[(site, layer)],
                 "axis_dim": int(directions[(site, layer)][1].abs().argmax()),
                 "outlier_dims": outlier_dimensions(calibration.moments[(site, layer)]),
@@ -169,6 +178,42 @@ def scan_result(
             if (reason := loaded.arch.approximate_reason(site)) is not None
         },
     }
+
+
+def add_value_routes(
+    loaded: LoadedModel,
+    result: dict,
+    directions: dict[int, torch.Tensor],
+    samples: list[Sample],
+    heldout: list[Sample],
+    ridge: float | None = None,
+) -> None:
+    """The value route's held-out error (with o_proj for the rest) beside each ``resid_mid`` row of ``result``.
+
+    It depends on the vector (what attention can carry of it), so it needs one: ``directions``
+    per layer, coefficient included (the writer's input is shifted in proportion). Rows without a
+    value route or a direction are left as they are. Three passes per layer (``routes.fit_value_route``).
+    """
+    from .calibrate import encode
+    from .routes import fit_value_route, value_route_modules
+
+    rows = [r for r in result["sites"] if r["site"] == "resid_mid" and r["layer"] in directions]
+    usable = []
+    for r in rows:
+        try:
+            value_route_modules(loaded, ("resid_mid", r["layer"]))
+        except LoraCompileError:
+            continue
+        usable.append(r)
+    if not usable:
+        return
+    calibration, held = encode(loaded, samples), encode(loaded, heldout)
+    domains = [s.domain for s in heldout]
+    for r in usable:
+        key = ("resid_mid", r["layer"])
+        fitted = fit_value_route(loaded, key, directions[r["layer"]], calibration, held, domains, ridge)
+        error = fitted.heldout_error["all"]
+        r["value_route"] = {**fitted.to_dict(), "predicted_kl_ratio": predicted_kl_ratio(error)}
 
 
 def _median_ratios(rows: list[dict]) -> dict[str, float]:
@@ -225,6 +270,17 @@ def plot_scan(result: dict, path: str | Path) -> Path:
                 markersize=3,
                 label=f"{site} · {method}",
             )
+    routed = sorted((r for r in result["sites"] if "value_route" in r), key=lambda r: r["layer"])
+    if routed:
+        ax.plot(
+            [r["layer"] for r in routed],
+            [r["value_route"]["heldout_error"]["all"] for r in routed],
+            "--",
+            color="tab:green",
+            marker="s",
+            markersize=3,
+            label="resid_mid · value route + o_proj (this vector)",
+        )
     for rec in result["recommended"][:1]:
         ax.annotate(
             f"best: {rec['site']} {rec['layer']}",
@@ -239,6 +295,11 @@ def plot_scan(result: dict, path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out RMS of b·x − 1  (relative error of the added vector)")
     ax.set_title(f"Constant-direction fit error, {result['model']}", fontsize=10)
+    # The KL ratio a compiled adapter is expected to reach is a function of the fit error (fit.py).
+    predicted = ax.secondary_yaxis(
+        "right", functions=(predicted_kl_ratio, lambda kl: (kl / KL_RATIO_PER_SQUARED_ERROR) ** 0.5)
+    )
+    predicted.set_ylabel("predicted held-out KL ratio (ridge)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

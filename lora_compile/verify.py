@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .calibrate import encode, padded_batches
 from .corpus import Sample
+from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
@@ -88,19 +89,61 @@ def peft_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Iterator[torch
         peft_model.unload()
 
 
+def _has_lora(peft_model: torch.nn.Module, name: str) -> bool:
+    return hasattr(peft_model.base_model.model.get_submodule(name), "lora_A")
+
+
+def _value_routed(loaded: LoadedModel, peft_model: torch.nn.Module, vector: SteeringVector) -> dict:
+    """Writer → (attention module, value projection) at the layers where the adapter has a value-route LoRA."""
+    routed = {}
+    for layer in vector.layers:
+        try:
+            attention, values = loaded.arch.attention_route(vector.site, layer)
+        except LoraCompileError:  # not written by attention, or no separate value projection
+            continue
+        if _has_lora(peft_model, values):
+            routed[loaded.arch.writers(vector.site, layer)[0]] = (attention, values)
+    return routed
+
+
 @contextmanager
 def _lora_deltas(
-    peft_model: torch.nn.Module, writers: list[str], norms: dict[str, str] | None = None
+    peft_model: torch.nn.Module,
+    writers: list[str],
+    norms: dict[str, str] | None = None,
+    routed: dict[str, tuple[str, str]] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Capture what each steered writer's LoRA adds to the stream: output − base_layer(input).
 
     ``norms``: writer → the post-writer norm its output passes through (Gemma, OLMo 2): there the
-    stream receives ``N(output) − N(output − lora)``, not the LoRA's own delta.
+    stream receives ``N(output) − N(output − lora)``, not the LoRA's own delta. ``routed``: writer →
+    (attention module, value projection) where the adapter also has a LoRA on the value projection
+    (the value route): what reaches the stream is the attention block's output with both LoRAs
+    less its output with neither, so the block is run again without them.
     """
     deltas: dict[str, torch.Tensor] = {}
     handles = []
     norms = norms or {}
+    routed = routed or {}
     base = peft_model.base_model.model
+    rerunning = []
+
+    def capture_block(name: str, loras: list[torch.nn.Module]):
+        def hook(module, args, kwargs, output):
+            if rerunning:
+                return
+            rerunning.append(name)
+            try:
+                for lora in loras:
+                    lora.enable_adapters(False)
+                plain = module(*args, **kwargs)
+            finally:
+                for lora in loras:
+                    lora.enable_adapters(True)
+                rerunning.pop()
+            deltas[name] = (output[0] - plain[0]).detach()
+
+        return hook
 
     def capture(name: str):
         norm = base.get_submodule(norms[name]) if name in norms else None
@@ -115,7 +158,13 @@ def _lora_deltas(
 
     try:
         for w in writers:
-            handles.append(base.get_submodule(w).register_forward_hook(capture(w)))
+            if w in routed:
+                attention, values = routed[w]
+                loras = [base.get_submodule(values), base.get_submodule(w)]
+                block = base.get_submodule(attention)
+                handles.append(block.register_forward_hook(capture_block(w, loras), with_kwargs=True))
+            else:
+                handles.append(base.get_submodule(w).register_forward_hook(capture(w)))
         yield deltas
     finally:
         for h in handles:
@@ -241,9 +290,10 @@ def verify(
     kl_c, kl_u, kl_c32, top1, rel, rel_first, domains = [], [], [], [], [], [], []
     gens: list[dict] = []
     with peft_adapter(loaded, adapter_dir) as peft_model, torch.no_grad():
+        routed = _value_routed(loaded, peft_model, vector)
         for (batch, ids, mask), (plain, steered, exact) in zip(track(batches, "adapter runs"), reference):
             ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-            with _lora_deltas(peft_model, writers, norms) as deltas:
+            with _lora_deltas(peft_model, writers, norms, routed) as deltas:
                 compiled = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             m = mask.bool()
             if exact is not None:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -80,3 +81,114 @@ def test_value_route_moments_give_the_exact_squared_error(tiny):
         add_value_route_moments(moments, zt, route)
         direct += float((((zt @ a) - 1) @ route.per_head.T).pow(2).sum())
     assert abs(squared_error(a, moments) - direct) <= 1e-9 * direct
+
+
+def _calibration() -> list[Sample]:
+    """A slice of the shipped calibration text, every domain (enough for a tiny model's fit)."""
+    from lora_compile.corpus import default_calibration
+
+    return default_calibration()[::8]
+
+
+HELDOUT = [
+    "A quiet morning by the lake, with mist over the water.",
+    "def add(a, b):\n    return a + b",
+    "The committee will meet again on Thursday to vote.",
+]
+
+
+def test_compile_with_the_value_route_adds_what_its_report_says(tiny, tmp_path):
+    """route="both": a LoRA on v_proj and one on o_proj; PEFT-loaded, what they add at resid_mid
+    (verify runs the attention block with and without them) has the held-out error compile reported."""
+    from safetensors.torch import load_file
+
+    from lora_compile import api
+    from lora_compile.vectors import SteeringVector
+
+    loaded = tiny.in_dtype(torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    steering = SteeringVector({LAYER: torch.randn(loaded.hidden_size, generator=gen)}, "resid_mid")
+    held = [Sample("held", text=t) for t in HELDOUT]
+    out = tmp_path / "both"
+    compiled = api.compile_adapter(
+        steering, out, loaded, coef=2.0, texts=_calibration(), heldout=held, target="peft", dtype="float32",
+        route="both",
+    )  # fmt: skip
+    layer = compiled.report["layers"][0]
+    values = loaded.arch.attention_route("resid_mid", LAYER)[1]
+    assert layer["route"] == "both" and layer["value_route"]["kept"]
+    assert layer["value_route"]["values_module"] == values
+    assert compiled.report["target_modules"] == ["o_proj", "v_proj"]
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert float(tensors[f"base_model.model.{values}.lora_B.weight"].norm()) > 0
+    assert api.check_adapter(out, "peft", model=loaded) == {"peft": []}
+
+    check = api.verify_adapter(out, steering, loaded, coef=2.0, prompts=held, generations=0)
+    first, rest = len(held), check.tokens - len(held)
+    measured = ((check.delta_rel_error**2 * rest + check.delta_rel_error_first**2 * first) / check.tokens) ** 0.5
+    reported = layer["value_route"]["heldout_error"]["all"]
+    assert layer["value_route"]["tokens"] == check.tokens
+    # The adapter is saved in float32 and the eager softmax runs in float32: agreement to ~1e-6.
+    assert abs(measured - reported) <= 1e-4 * reported, (measured, reported)
+    assert compiled.report["predicted_delta_rel_error"] == reported
+
+
+def test_route_auto_keeps_the_value_route_only_where_it_wins(tiny, tmp_path):
+    from lora_compile import api
+    from lora_compile.vectors import SteeringVector
+
+    gen = torch.Generator().manual_seed(3)
+    steering = SteeringVector({k: torch.randn(tiny.hidden_size, generator=gen) for k in (1, 2)}, "resid_mid")
+    held = [Sample("held", text=t) for t in HELDOUT]
+    compiled = api.compile_adapter(
+        steering, tmp_path / "auto", tiny, texts=_calibration(), heldout=held, target="peft", sequential=False,
+        route="auto",
+    )  # fmt: skip
+    for layer in compiled.report["layers"]:
+        route, writer_error = layer["value_route"], layer["fit_error"]["all"]["rms"]
+        assert route["kept"] == (route["heldout_error"]["all"] < writer_error)
+        assert layer["route"] == ("both" if route["kept"] else "writer")
+
+
+def test_routes_refused_where_they_cannot_be(tiny, tmp_path):
+    from lora_compile import api
+    from lora_compile.errors import LoraCompileError
+    from lora_compile.vectors import SteeringVector
+
+    post = SteeringVector({1: torch.ones(tiny.hidden_size)}, "resid_post")
+    with pytest.raises(LoraCompileError, match="--route both: .*not written by attention"):
+        api.compile_adapter(post, tmp_path / "a", tiny, route="both")
+    two = SteeringVector({1: torch.ones(tiny.hidden_size), 2: torch.ones(tiny.hidden_size)}, "resid_mid")
+    with pytest.raises(LoraCompileError, match="--independent"):
+        api.compile_adapter(two, tmp_path / "b", tiny, route="auto")
+    with pytest.raises(LoraCompileError, match="unknown route"):
+        api.compile_adapter(post, tmp_path / "c", tiny, route="values")
+    assert not any(tmp_path.iterdir())
+    # auto at a site without a value route compiles the writer's LoRA alone
+    held = [Sample("held", text=t) for t in HELDOUT]
+    compiled = api.compile_adapter(post, tmp_path / "d", tiny, texts=_calibration(), heldout=held, route="auto")
+    assert compiled.report["layers"][0]["route"] == "writer" and "value_route" not in compiled.report["layers"][0]
+
+
+def test_scan_with_a_vector_shows_the_value_route_compile_would_fit(tiny, tmp_path):
+    from lora_compile import api
+    from lora_compile.vectors import SteeringVector
+
+    gen = torch.Generator().manual_seed(4)
+    steering = SteeringVector({LAYER: torch.randn(tiny.hidden_size, generator=gen)}, "resid_mid")
+    held = [Sample("held", text=t) for t in HELDOUT]
+    result, _ = api.scan(
+        tiny, sites=["resid_mid", "resid_post"], layers=[LAYER, LAYER + 1], texts=_calibration(), heldout=held,
+        vector=steering, coef=3.0, out_json=tmp_path / "scan.json", out_png=tmp_path / "scan.png",
+    )  # fmt: skip
+    routed = {(r["site"], r["layer"]): r["value_route"] for r in result["sites"] if "value_route" in r}
+    assert list(routed) == [("resid_mid", LAYER)]  # only resid_mid, only the vector's layers
+    assert (tmp_path / "scan.png").stat().st_size > 0
+    assert all(r["predicted_kl_ratio"] > 0 for r in result["sites"])
+    compiled = api.compile_adapter(
+        steering, tmp_path / "adapter", tiny, coef=3.0, texts=_calibration(), heldout=held, route="both"
+    )
+    # Same vector, coefficient, texts and held-out text: scan's numbers are compile's.
+    assert routed[("resid_mid", LAYER)]["heldout_error"]["all"] == pytest.approx(
+        compiled.report["layers"][0]["value_route"]["heldout_error"]["all"], rel=1e-9
+    )

@@ -1,0 +1,147 @@
+"""The value route into an attention-written site: a second rank-1 LoRA, on the value projection.
+
+A LoRA ``B·(a·x)`` on the value projection changes head h's output at token i by exactly
+``(a·z^h_i)·B^g(h)``, ``z^h_i = Σ_j α^h_ij x_j`` (attention weights sum to 1), and the writer
+(``o_proj``) maps that into the stream. The token-to-token variation of ``a·x`` is averaged by
+attention, so ``a·z ≈ 1`` is easier to meet than ``b·u ≈ 1`` on the writer's own input. Only the
+part of the vector in the span of the writer over the (repeated) KV heads is reachable this way
+(``fit.value_route``); the rest goes through the writer's LoRA, fitted on its input as the adapter
+will see it: shifted by the value LoRA's own output (a direction constant by construction).
+
+Three passes, each stopped after the site's layer, with eager attention (the weights are needed):
+the value LoRA's moments, the shifted writer inputs' moments (they depend on ``a``), and the
+held-out error of the two LoRAs together, which decides where the route is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .calibrate import Moments, SiteKey, stream_attention_averaged
+from .emit import balanced
+from .errors import LoraCompileError
+from .fit import ValueRoute, add_value_route_moments, choose_ridge, fit_ridge, value_route
+from .models import LoadedModel
+
+# writer: the writer's LoRA alone; both: value route plus the writer for the rest;
+# auto: both where its held-out error is below the writer's alone.
+ROUTES = ("writer", "both", "auto")
+
+
+def check_route(route: str) -> str:
+    if route not in ROUTES:
+        raise LoraCompileError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
+    return route
+
+
+def value_route_modules(loaded: LoadedModel, key: SiteKey) -> tuple[str, str]:
+    """(value projection, writer) of an attention-written site; a one-line error where there is no value route."""
+    _, values = loaded.arch.attention_route(*key)
+    writers = loaded.arch.writers(*key)
+    if len(writers) != 1:
+        raise LoraCompileError(f"{key[0]} {key[1]} has {len(writers)} writers: the value route needs one")
+    return values, writers[0]
+
+
+@dataclass
+class ValueRouteFit:
+    """The two LoRAs of the value route at one site and their held-out error."""
+
+    values_module: str
+    writer: str
+    route: ValueRoute
+    values_direction: torch.Tensor  # a [d], on the value projection's input
+    writer_direction: torch.Tensor  # b [d_w], on the writer's input shifted by the value LoRA
+    ridge: dict[str, float]
+    # RMS over held-out tokens of ‖added − vector‖ / ‖vector‖, per domain and "all"
+    heldout_error: dict[str, float]
+    tokens: int
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Balanced rank-1 factors of both LoRAs (writer module → ``(A [1, in], B [out, 1])``)."""
+        return balanced(
+            {
+                self.values_module: (self.values_direction[None], self.route.values_b[:, None]),
+                self.writer: (self.writer_direction[None], self.route.rest[:, None]),
+            }
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "values_module": self.values_module,
+            "reached": self.route.reached,
+            "ridge": self.ridge,
+            "heldout_error": self.heldout_error,
+            "tokens": self.tokens,
+        }
+
+
+def _two_folds(dim: int) -> list[Moments]:
+    return [Moments.zeros(dim), Moments.zeros(dim)]
+
+
+def _solve(folds: list[Moments], ridge: float | None) -> tuple[torch.Tensor, float]:
+    """Ridge fit on both folds, λ by two-fold cross-validation unless given (no pinned positions)."""
+    whole = folds[0] + folds[1]
+    whole.fold = folds[1]
+    lam = ridge if ridge is not None else choose_ridge(whole)
+    return fit_ridge(whole, lam, pin=False), lam
+
+
+def fit_value_route(
+    loaded: LoadedModel,
+    key: SiteKey,
+    vector: torch.Tensor,
+    calibration: list[list[int]],
+    heldout: list[list[int]],
+    heldout_domains: list[str],
+    ridge: float | None = None,
+) -> ValueRouteFit:
+    """Fit the value route for ``vector`` (coef included) at ``key`` and measure it on ``heldout``.
+
+    ``calibration``/``heldout``: token lists; ``heldout_domains``: the domain of each held-out list.
+    Samples alternate between two folds (odd ones: the second), as ``calibrate`` splits them.
+    """
+    values, writer = value_route_modules(loaded, key)
+    route = value_route(loaded.module(writer).weight, loaded.attention_shape, vector)
+    label = f"{key[0]} {key[1]} value route"
+
+    value_folds = _two_folds(loaded.in_features(values))
+    for batch, mask, z, _ in stream_attention_averaged(loaded, *key, calibration, f"{label}: values"):
+        for row, i in enumerate(batch):
+            add_value_route_moments(value_folds[i % 2], z[row][mask[row]], route)
+    a, ridge_values = _solve(value_folds, ridge)
+
+    writer_folds = _two_folds(loaded.in_features(writer))
+    for batch, mask, z, u in stream_attention_averaged(loaded, *key, calibration, f"{label}: writer"):
+        for row, i in enumerate(batch):
+            zr = z[row][mask[row]]
+            writer_folds[i % 2].add_(u[row][mask[row]].cpu().to(torch.float64) + route.writer_input_shift(zr, a))
+    b, ridge_writer = _solve(writer_folds, ridge)
+
+    squares: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for batch, mask, z, u in stream_attention_averaged(loaded, *key, heldout, f"{label}: held-out"):
+        for row, i in enumerate(batch):
+            zr, ur = z[row][mask[row]], u[row][mask[row]].cpu().to(torch.float64)
+            writer_error = (ur + route.writer_input_shift(zr, a)) @ b - 1
+            error = (zr @ a - 1) @ route.per_head.T + writer_error[:, None] * route.rest
+            for domain in (heldout_domains[i], "all"):
+                squares[domain] += float(error.pow(2).sum())
+                counts[domain] += zr.shape[0]
+    norm = float(vector.to(torch.float64).norm())
+    errors = {d: math.sqrt(squares[d] / counts[d]) / norm for d in sorted(squares)}
+    return ValueRouteFit(
+        values_module=values,
+        writer=writer,
+        route=route,
+        values_direction=a,
+        writer_direction=b,
+        ridge={"values": ridge_values, "writer": ridge_writer},
+        heldout_error=errors,
+        tokens=counts["all"],
+    )
