@@ -164,7 +164,7 @@ def fit_error(values: torch.Tensor, position: torch.Tensor) -> FitError:
 # one's, and the ratio is ≈ mean(e_i²) = e². At coefficient 4 the unsteered KL grows more slowly
 # than quadratically; the constant is the geometric mean of ratio / e² over measured adapters
 # (README "What each site delivers": both routes, 8 layers and the calibration-size curve).
-KL_RATIO_PER_SQUARED_ERROR = 0.7
+KL_RATIO_PER_SQUARED_ERROR = 0.75
 
 
 def predicted_kl_ratio(fit_error: float) -> float:

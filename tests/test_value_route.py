@@ -122,6 +122,10 @@ def test_compile_with_the_value_route_adds_what_its_report_says(tiny, tmp_path):
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert float(tensors[f"base_model.model.{values}.lora_B.weight"].norm()) > 0
     assert api.check_adapter(out, "peft", model=loaded) == {"peft": []}
+    # every serving target takes LoRA on v_proj (this peft-shaped adapter breaks others' rank and
+    # every-layer rules, which their own --target shapes satisfy)
+    problems = api.check_adapter(out, model=loaded)
+    assert len(problems) > 2 and not [p for ps in problems.values() for p in ps if "LoRA targets" in p], problems
 
     check = api.verify_adapter(out, steering, loaded, coef=2.0, prompts=held, generations=0)
     first, rest = len(held), check.tokens - len(held)
