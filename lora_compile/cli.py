@@ -161,8 +161,10 @@ def scan(
     device: DeviceOpt = DEFAULT_DEVICE,
     model_dtype: ModelDtypeOpt = DEFAULT_MODEL_DTYPE,
     vector: Annotated[
-        str | None,
+        Path | None,
         typer.Option(
+            "--vector",
+            "-v",
             help="A steering vector: also fit the value route (v_proj + o_proj) at each resid_mid layer it has "
             "and show its held-out error beside o_proj's (three passes per layer).",
         ),

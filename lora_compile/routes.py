@@ -107,7 +107,8 @@ def fit_value_route(
     Samples alternate between two folds (odd ones: the second), as ``calibrate`` splits them.
     """
     values, writer = value_route_modules(loaded, key)
-    route = value_route(loaded.module(writer).weight, loaded.attention_shape, vector)
+    # On the CPU in float64, where stream_attention_averaged hands over the averaged inputs.
+    route = value_route(loaded.module(writer).weight.detach().cpu(), loaded.attention_shape, vector.cpu())
     label = f"{key[0]} {key[1]} value route"
 
     value_folds = _two_folds(loaded.in_features(values))

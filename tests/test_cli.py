@@ -91,6 +91,21 @@ def test_extract_and_scan(tiny_dir, tmp_path, texts):
     assert result.exit_code == 0, result.output
     data = json.loads((scan_dir / "scan.json").read_text())
     assert len(data["sites"]) == 8 and (scan_dir / "scan.png").stat().st_size > 1000
+    # with the vector: the value route beside o_proj at its resid_mid layers, printed and in scan.json
+    result = runner.invoke(
+        app, ["scan", "--model", tiny_dir, "-o", str(scan_dir), "-v", str(out), "--coef", "4", "--force", *texts]
+    )
+    assert result.exit_code == 0, result.output
+    assert "value route" in result.output and "KL ratio ≈" in result.output
+    data = json.loads((scan_dir / "scan.json").read_text())
+    assert sorted(r["layer"] for r in data["sites"] if "value_route" in r) == [1, 2]
+    # and compile with it, printed
+    result = runner.invoke(
+        app, ["compile", "-v", str(out), "--layers", "1", "--site", "resid_mid", "--route", "both", "--model", tiny_dir,
+              "-o", str(tmp_path / "adapter"), *texts],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "value route via model.layers.1.self_attn.v_proj" in result.output and "kept" in result.output
 
 
 def test_unsupported_architecture(unsupported_dir, tmp_path, texts):
