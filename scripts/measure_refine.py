@@ -8,7 +8,7 @@ trained from PEFT's standard LoRA init (A kaiming-uniform, B = 0) on the same ca
 validation split and step budget (``refine.train_lora``), and the table gives the time each takes
 to reach the closed form's and the refinement's validation KL ratio.
 
-    python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10] [--coef 4] [--train]
+    python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10] [--coef 4] [--train] [--route auto]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--lr-scale", type=float, default=RefineOptions.lr_scale, help="refinement's relative rate")
     parser.add_argument("--train", action="store_true", help="also train the first site from PEFT's standard init")
     parser.add_argument("--train-lr", type=float, default=None, help="Adam's lr for the standard init (default 1e-3)")
+    parser.add_argument("--route", default="writer", help="compile's --route (auto: the value route where it wins)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args()
     progress.enable()
@@ -65,7 +66,7 @@ def main() -> None:
             start = time.perf_counter()
             result = api.compile_adapter(
                 at_site, Path(tmp) / "a", loaded, coef=args.coef, calibration=calibration, refine=True,
-                refine_options=options,
+                refine_options=options, route=args.route,
             )  # fmt: skip
             total = time.perf_counter() - start
         refine = result.report["refine"]
