@@ -49,7 +49,7 @@ from .fit import (
 )
 from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
-from .momentsfile import load_moments, model_fingerprint, read_header, save_moments
+from .momentsfile import group_paths, load_moments, model_fingerprint, read_header, save_moments
 from .outputs import atomic_outputs, check_writable
 from .refine import RefineOptions, heldout_kl, train_lora
 from .routes import ValueRouteFit, check_route, fit_value_route, value_route_modules
@@ -135,7 +135,11 @@ def calibrate_moments(
 
     All fitted sites and layers by default. ``shard`` ``i/N``: only the i-th of N shares of the
     calibration batches; the N files together give the bits of one run. Under torchrun the ranks
-    split the batches and rank 0 writes. Returns the file's header.
+    split the batches and rank 0 writes. Layers are calibrated in groups whose moments fit the
+    device (``group_layers``, or planned as ``scan`` plans them); with several groups each is written
+    to its own file as soon as it is done (``momentsfile.group_paths``: ``out``'s name with the
+    group's layers), so no more than one group's sums are ever held; ``--moments`` takes them all.
+    The files are committed together at the end. Returns the first file's header, with ``files``.
     """
     check_writable(out, force)
     part = parse_shard(shard)
@@ -144,22 +148,21 @@ def calibrate_moments(
     loaded = _model(model, device, model_dtype)
     keys = site_keys(loaded, sites, layers)
     samples = calibration_samples(loaded, texts, self_generated, seed)
-    exact = None
-    with peak_memory(loaded.device) as peak:
-        # In groups of layers whose moments fit the device; each group's sums are kept on the CPU.
-        for group in plan_layer_groups(loaded, keys, group_layers):
-            part_sums = calibrate_exact(loaded, samples, [k for k in keys if k[1] in group], shard=part)
-            part_sums.moments = {k: m.to("cpu") for k, m in part_sums.moments.items()}
-            if exact is None:
-                exact = part_sums
-            else:
-                exact.moments.update(part_sums.moments)
+    groups = plan_layer_groups(loaded, keys, group_layers)
+    paths = group_paths(out, groups)
     fingerprint = model_fingerprint(loaded)
-    header: dict = {}
-    if distributed.is_main():
-        extra = {"shard": list(part) if part else None, "self_generated": self_generated, "memory": peak.to_dict()}
-        write_outputs({out: lambda tmp: header.update(save_moments(exact, loaded, tmp, extra, fingerprint))}, force)
-    return header
+    headers: list[dict] = []
+    main = distributed.is_main()
+    with peak_memory(loaded.device) as peak, atomic_outputs(paths if main else [], force) as temps:
+        for i, group in enumerate(groups):
+            exact = calibrate_exact(loaded, samples, [k for k in keys if k[1] in group], shard=part)
+            if main:
+                exact.moments = {k: m.to("cpu") for k, m in exact.moments.items()}
+                extra = {"shard": list(part) if part else None, "self_generated": self_generated}
+                extra["memory"] = peak.read().to_dict()  # the peak so far
+                headers.append(save_moments(exact, loaded, temps[i], extra, fingerprint))
+            del exact  # this group's sums, before the next group's are allocated
+    return {**headers[0], "files": [str(p) for p in paths]} if headers else {}
 
 
 def _file_calibration(moments: MomentsArg, loaded: LoadedModel, keys: list | None) -> tuple[Calibration, dict]:
@@ -236,8 +239,8 @@ def scan(
     if steering is not None:
         steering.validate(loaded)
     if moments and sites is None and layers is None:
-        keys = [(k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])) for k in read_header(moments[0])["site_counts"]]
-        keys.sort()
+        held = {k for path in moments for k in read_header(path)["site_counts"]}  # layer groups: several files
+        keys = sorted((k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])) for k in held)
     else:
         keys = site_keys(loaded, sites, layers)
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())

@@ -360,10 +360,12 @@ def calibrate_cmd(
         if not distributed.is_main():
             return
         batches = header["batches"]
+        files = header["files"]
+        what = files[0] if len(files) == 1 else f"{len(files)} files, one per layer group ({', '.join(files)})"
         out.print(
-            f"wrote {output}: {len(header['site_counts'])} sites ({', '.join(header['sites'])}; layers "
-            f"{header['layers'][0]}–{header['layers'][-1]}), {header['tokens']} tokens, batches "
-            f"{batches['start']}–{batches['stop']} of {batches['total']}, model {header['model_fingerprint']}"
+            f"wrote {what}: {', '.join(header['sites'])} from layer {header['layers'][0]}, {header['tokens']} "
+            f"tokens, batches {batches['start']}–{batches['stop']} of {batches['total']}, "
+            f"model {header['model_fingerprint']}; give them all to --moments"
         )
         print_memory(header["memory"])
 

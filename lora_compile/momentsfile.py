@@ -49,6 +49,15 @@ def _name(key: SiteKey, part: str) -> str:
     return f"{key[0]}.{key[1]}.{part}"
 
 
+def group_paths(out: str | Path, groups: list[list[int]]) -> list[Path]:
+    """Where ``calibrate -o out`` writes each layer group: ``out`` itself for one group, else
+    ``out``'s name with the group's layers (``m.safetensors`` → ``m.layers-0-13.safetensors``)."""
+    out = Path(out)
+    if len(groups) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}.layers-{g[0]}-{g[-1]}{out.suffix}") for g in groups]
+
+
 def save_moments(
     exact: ExactCalibration, loaded: LoadedModel, path: str | Path, extra: dict | None = None, fingerprint: str = ""
 ) -> dict:
@@ -111,10 +120,12 @@ def read_header(path: str | Path) -> dict:
 def load_moments(
     paths: list[str | Path], loaded: LoadedModel, keys: list[SiteKey] | None = None
 ) -> tuple[ExactCalibration, list[dict]]:
-    """The sum of the moments files ``paths`` (shards of one calibration) at ``keys`` (default: the files' sites).
+    """The moments of one calibration from ``paths`` at ``keys`` (default: every site the files hold).
 
-    Refused in one line: a file of another model, shards of different calibrations or sites,
-    overlapping or missing shards, a needed site that the files lack.
+    The files are shards (the same sites, batch ranges that tile the calibration; summed) and/or
+    layer groups (disjoint sites, each group's shards tiling it). Refused in one line: a file of
+    another model or another calibration text, files sharing some sites but not all, overlapping
+    or missing shards, a needed site that the files lack.
     """
     from safetensors import safe_open
 
@@ -134,22 +145,36 @@ def load_moments(
             raise LoraCompileError(
                 f"{p} is from another calibration text than {paths[0]}: combine only shards of one calibration"
             )
-        if h["site_counts"].keys() != first["site_counts"].keys():
-            raise LoraCompileError(f"{p} holds other sites than {paths[0]}: shards must have the same sites")
-    _check_shards(paths, headers)
-    held = sorted((s.rsplit(".", 1)[0], int(s.rsplit(".", 1)[1])) for s in first["site_counts"])
+    # Files with the same sites are shards of one group; groups must not share a site.
+    groups: dict[frozenset, list[int]] = {}
+    for i, h in enumerate(headers):
+        groups.setdefault(frozenset(h["site_counts"]), []).append(i)
+    seen: dict[str, int] = {}
+    for sites, members in groups.items():
+        for site in sites:
+            if site in seen:
+                raise LoraCompileError(
+                    f"{paths[members[0]]} and {paths[seen[site]]} share some sites but not all: give shards "
+                    "of the same sites, or layer groups of disjoint sites"
+                )
+            seen[site] = members[0]
+        _check_shards([paths[i] for i in members], [headers[i] for i in members])
+    held = sorted((s.rsplit(".", 1)[0], int(s.rsplit(".", 1)[1])) for s in seen)
     keys = held if keys is None else sorted(set(keys))
     missing = [k for k in keys if k not in held]
     if missing:
         have = ", ".join(f"{s} {layer}" for s, layer in held)
         need = ", ".join(f"{s} {layer}" for s, layer in missing)
+        named = str(paths[0]) if len(paths) == 1 else "the moments files"
         raise LoraCompileError(
-            f"{paths[0]} has no moments for {need} (it holds {have}): calibrate with --site/--layers covering them"
+            f"{named} has no moments for {need} (it holds {have}): calibrate with --site/--layers covering them"
         )
     total: dict[SiteKey, ExactMoments] = {}
     for p, h in zip(paths, headers):
         with safe_open(str(p), "pt", device=str(loaded.device)) as f:
             for key in keys:
+                if f"{key[0]}.{key[1]}" not in h["site_counts"]:
+                    continue  # in another layer group's file
                 counts = h["site_counts"][f"{key[0]}.{key[1]}"]
                 scale = FixedPointScale(f.get_tensor(_name(key, "exponents")).cpu(), counts["count_exponent"])
                 m = ExactMoments(
@@ -163,14 +188,16 @@ def load_moments(
                     f.get_tensor(_name(key, "pinned")),
                 )
                 total[key] = m if key not in total else total[key] + m
+    # Tokens and domains of the calibration: the same in every group, so from one group's shards.
+    one_group = [headers[i] for i in next(iter(groups.values()))]
     domains: dict[str, int] = {}
-    for h in headers:
+    for h in one_group:
         for d, n in h["domains"].items():
             domains[d] = domains.get(d, 0) + n
     exact = ExactCalibration(
         model_id=loaded.model_id,
         moments=total,
-        tokens=sum(h["tokens"] for h in headers),
+        tokens=sum(h["tokens"] for h in one_group),
         domains=domains,
         fixed_prefix=first["fixed_prefix"],
         corpus=first["corpus_hash"],

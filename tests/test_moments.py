@@ -14,7 +14,7 @@ from lora_compile import api, corpus
 from lora_compile.calibrate import calibrate, calibrate_exact
 from lora_compile.cli import EXIT_BAD_INPUT, app
 from lora_compile.errors import LoraCompileError
-from lora_compile.momentsfile import load_moments
+from lora_compile.momentsfile import load_moments, read_header
 from lora_compile.vectors import SteeringVector, save_vector
 
 runner = CliRunner()
@@ -70,6 +70,35 @@ def test_shards_and_files_give_the_same_adapter_bytes(tiny, tmp_path, long_texts
     a = load_moments(shards, tiny)[0].moments[("resid_mid", 1)]
     b = calibrate_exact(tiny, corpus.read_samples(cal), [("resid_mid", 1)]).moments[("resid_mid", 1)]
     assert torch.equal(a.gram, b.gram) and torch.equal(a.odd_total, b.odd_total) and a.count == b.count
+
+
+def test_layer_groups_are_written_one_file_each(tiny, tiny_dir, tmp_path, long_texts):
+    """calibrate -o with several layer groups writes each as it is done; --moments takes them together."""
+    cal, held = long_texts
+    out = tmp_path / "m.safetensors"
+    header = api.calibrate_moments(out, tiny, sites=["resid_mid"], layers=[1, 2], texts=[cal], group_layers=1)
+    files = [tmp_path / "m.layers-1-1.safetensors", tmp_path / "m.layers-2-2.safetensors"]
+    assert header["files"] == [str(f) for f in files] and all(f.exists() for f in files) and not out.exists()
+    assert [read_header(f)["layers"] for f in files] == [[1], [2]]
+    api.calibrate_moments(tmp_path / "one.st", tiny, sites=["resid_mid"], layers=[1, 2], texts=[cal])
+    grouped, single = load_moments(files, tiny)[0], load_moments([tmp_path / "one.st"], tiny)[0]
+    assert grouped.tokens == single.tokens and grouped.moments.keys() == single.moments.keys()
+    for key, m in single.moments.items():  # the groups together are the one-file calibration, bit for bit
+        assert torch.equal(grouped.moments[key].gram, m.gram) and grouped.moments[key].count == m.count
+    vec = save_vector(SteeringVector({2: torch.randn(64, generator=torch.Generator().manual_seed(5))}), tmp_path / "v")
+    common = {"site": "resid_mid", "heldout": [held]}
+    direct = api.compile_adapter(vec, tmp_path / "direct", tiny, texts=[cal], **common)
+    from_groups = api.compile_adapter(vec, tmp_path / "groups", tiny, moments=list(reversed(files)), **common)
+    assert _bytes(direct.adapter_dir) == _bytes(from_groups.adapter_dir)
+    result, _ = api.scan(tiny, moments=files, heldout=[held])
+    assert sorted(r["layer"] for r in result["sites"]) == [1, 2]
+    with pytest.raises(LoraCompileError, match="share some sites but not all"):
+        load_moments([files[0], tmp_path / "one.st"], tiny)
+    # the command line says where the groups went
+    args = ["calibrate", "-m", tiny_dir, "--site", "resid_mid", "--layers", "1-2", "--group-layers", "1"]
+    result = runner.invoke(app, [*args, "--texts", cal, "--device", "cpu", "-o", str(tmp_path / "cli.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "2 files, one per layer group" in result.output and (tmp_path / "cli.layers-2-2.safetensors").exists()
 
 
 def test_moments_files_are_refused_in_one_line(tiny, tiny_tied_dir, tmp_path, long_texts):
