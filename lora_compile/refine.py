@@ -225,12 +225,13 @@ def _lora(loaded: LoadedModel, writers: list[str], rank: int) -> Iterator[dict[s
 
 
 def _set(params: dict[str, tuple[nn.Parameter, nn.Parameter]], factors: Factors | None) -> None:
-    """Put ``factors`` (zero-padded to the layers' rank) into the LoRA layers; None: zeros (the base model)."""
+    """Put ``factors`` (zero-padded to the layers' rank) into the LoRA layers; None, or a module the
+    factors do not name: zeros (the base model)."""
     with torch.no_grad():
         for w, (a, b) in params.items():
             a.zero_()
             b.zero_()
-            if factors is not None:
+            if factors is not None and w in factors:
                 fa, fb = factors[w]
                 a[: fa.shape[0]] = fa.to(a.dtype)
                 b[:, : fb.shape[1]] = fb.to(b.dtype)
@@ -385,9 +386,11 @@ def heldout_kl(
     Returns ``{"kl_unsteered", "tokens", "adapters": {name: {"kl_ratio", "kl", "per_domain"}}}``.
 
     The same PEFT LoRA layers as ``train_lora`` (scale 1, float32), one reference run per batch
-    shared by every adapter; tokens and domains as ``verify`` counts them.
+    shared by every adapter; tokens and domains as ``verify`` counts them. LoRA layers on the site's
+    writers and on every other module the factors name (the value route's value projections).
     """
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
+    writers += sorted({m for f in adapters.values() for m in f} - set(writers))
     rank = max(a.shape[0] for f in adapters.values() for a, _ in f.values())
     runner = _Runner(loaded, min(vector.layers))
     token_lists = encode(loaded, samples, max_tokens)

@@ -8,7 +8,8 @@ trained from PEFT's standard LoRA init (A kaiming-uniform, B = 0) on the same ca
 validation split and step budget (``refine.train_lora``), and the table gives the time each takes
 to reach the closed form's and the refinement's validation KL ratio.
 
-    python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10] [--coef 4] [--train] [--route auto]
+    python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10] [--coef 4] [--train]
+        [--route auto] [--rank 1]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--lr-scale", type=float, default=RefineOptions.lr_scale, help="refinement's relative rate")
     parser.add_argument("--train", action="store_true", help="also train the first site from PEFT's standard init")
     parser.add_argument("--train-lr", type=float, default=None, help="Adam's lr for the standard init (default 1e-3)")
+    parser.add_argument("--rank", type=int, default=1, help="the refined adapter's rank")
     parser.add_argument("--route", default="writer", help="compile's --route (auto: the value route where it wins)")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     sites = args.sites.split(",")
     layers = [int(x) for x in args.layers.split(",")]
-    options = RefineOptions(steps=args.steps, lr_scale=args.lr_scale)
+    options = RefineOptions(steps=args.steps, lr_scale=args.lr_scale, rank=args.rank)
 
     loaded = load_model(device="cpu")
     vector = api.extract_vector(demo_pairs_path(), layers, loaded)

@@ -125,3 +125,18 @@ def test_rank_without_refine_is_refused(tiny, tmp_path, tiny_dir):
     result = CliRunner().invoke(app, ["compile", "-v", vec, "-o", str(tmp_path / "o"), "-m", tiny_dir, "--rank", "2"])
     assert result.exit_code == 2 and "needs --refine" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_refinement_starts_from_both_routes(tiny, tmp_path):
+    """--route both --refine: trained and measured with the v_proj LoRA as well as o_proj's."""
+    vector = _vector(tiny)
+    texts = TEXTS[::8]
+    result = _compile(tiny, tmp_path / "r", vector, route="both", texts=texts)
+    refine = result.report["refine"]
+    assert result.report["target_modules"] == ["o_proj", "v_proj"]
+    # the held-out measure of the closed form is the two-LoRA adapter's, as PEFT loads it
+    closed = api.compile_adapter(vector, tmp_path / "c", tiny, coef=1.0, heldout=HELDOUT, route="both", texts=texts)
+    before = api.verify_adapter(closed.adapter_dir, vector, tiny, prompts=HELDOUT, generations=0)
+    assert before.kl_ratio == pytest.approx(refine["heldout"]["adapters"]["closed_form"]["kl_ratio"], rel=1e-3)
+    after = api.verify_adapter(result.adapter_dir, vector, tiny, prompts=HELDOUT, generations=0)
+    assert after.kl_ratio == pytest.approx(refine["heldout"]["adapters"][refine["kept"]]["kl_ratio"], rel=1e-3)
