@@ -679,15 +679,16 @@ def _compile(
                 "writer_vector_norm": float(writer_vectors[key].norm()),
                 **post_norm_fits[key].to_dict(),
             }
-    factors, refined = None, None
+    # The closed form's factors: None (emit derives the writers') unless the value route adds its own.
+    factors = {**writer_factors(loaded, steered), **value_factors} if value_factors else None
+    refined = None
     if refine_options is not None and exact:
         warnings.append(f"--refine skipped: {steering.site} is exact (an embedding LoRA), there is nothing to refine")
     elif refine_options is not None:
-        closed = {**writer_factors(loaded, steered), **value_factors}
+        closed = factors or writer_factors(loaded, steered)
         factors, refined = _refine(loaded, steering, coef, closed, samples(), heldout_samples, refine_options)
-    elif value_factors:
-        factors = {**writer_factors(loaded, steered), **value_factors}
     tensors = adapter_tensors(loaded, steered, prof, dtype, factors=factors)
+    predicted_error = max(_kept_error(x) for x in layer_reports)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
     base_model = base_model_id or loaded.model_id
     rank = max([a.shape[0] for a, _ in factors.values()], default=1) if factors else 1
@@ -711,8 +712,8 @@ def _compile(
             **({} if exact else files),
         },
         "heldout_domains": sorted({s.domain for s in heldout_samples}),
-        "predicted_delta_rel_error": max(_kept_error(x) for x in layer_reports),
-        "predicted_kl_ratio": 0.0 if exact else predicted_kl_ratio(max(_kept_error(x) for x in layer_reports)),
+        "predicted_delta_rel_error": predicted_error,
+        "predicted_kl_ratio": 0.0 if exact else predicted_kl_ratio(predicted_error),
         "layers": layer_reports,
         "vector_metadata": steering.metadata,
         "rank": config["r"],

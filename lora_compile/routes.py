@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .calibrate import Moments, SiteKey, stream_attention_averaged
-from .emit import balanced
+from .emit import Factors, balanced
 from .errors import LoraCompileError
 from .fit import ValueRoute, add_value_route_moments, choose_ridge, fit_ridge, value_route
 from .models import LoadedModel
@@ -36,6 +36,14 @@ def check_route(route: str) -> str:
     if route not in ROUTES:
         raise LoraCompileError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
     return route
+
+
+def has_value_route(loaded: LoadedModel, key: SiteKey) -> bool:
+    try:
+        value_route_modules(loaded, key)
+    except LoraCompileError:
+        return False
+    return True
 
 
 def value_route_modules(loaded: LoadedModel, key: SiteKey) -> tuple[str, str]:
@@ -61,7 +69,7 @@ class ValueRouteFit:
     heldout_error: dict[str, float]
     tokens: int
 
-    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self) -> Factors:
         """Balanced rank-1 factors of both LoRAs (writer module → ``(A [1, in], B [out, 1])``)."""
         return balanced(
             {

@@ -195,16 +195,13 @@ def add_value_routes(
     value route or a direction are left as they are. Three passes per layer (``routes.fit_value_route``).
     """
     from .calibrate import encode
-    from .routes import fit_value_route, value_route_modules
+    from .routes import fit_value_route, has_value_route
 
-    rows = [r for r in result["sites"] if r["site"] == "resid_mid" and r["layer"] in directions]
-    usable = []
-    for r in rows:
-        try:
-            value_route_modules(loaded, ("resid_mid", r["layer"]))
-        except LoraCompileError:
-            continue
-        usable.append(r)
+    usable = [
+        r
+        for r in result["sites"]
+        if r["site"] == "resid_mid" and r["layer"] in directions and has_value_route(loaded, ("resid_mid", r["layer"]))
+    ]
     if not usable:
         return
     calibration, held = encode(loaded, samples), encode(loaded, heldout)
