@@ -686,7 +686,11 @@ def _compile(
         warnings.append(f"--refine skipped: {steering.site} is exact (an embedding LoRA), there is nothing to refine")
     elif refine_options is not None:
         closed = factors or writer_factors(loaded, steered)
-        factors, refined = _refine(loaded, steering, coef, closed, samples(), heldout_samples, refine_options)
+        # Where the value route was kept, the writer's LoRA alone is measured too: what the route bought.
+        writer_only = {"writer_only": writer_factors(loaded, steered)} if value_factors else {}
+        factors, refined = _refine(
+            loaded, steering, coef, closed, samples(), heldout_samples, refine_options, writer_only
+        )
     tensors = adapter_tensors(loaded, steered, prof, dtype, factors=factors)
     predicted_error = max(_kept_error(x) for x in layer_reports)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
@@ -772,13 +776,18 @@ def _refine(
     samples: list[corpus.Sample],
     heldout_samples: list[corpus.Sample],
     options: RefineOptions,
+    baselines: dict[str, Factors],
 ) -> tuple[dict, dict]:
-    """Refined factors (or the closed form's ``closed``, where refinement did not help) and the report's ``refine``."""
+    """Refined factors (or the closed form's ``closed``, where refinement did not help) and the report's ``refine``.
+
+    ``baselines``: further factors measured in the same held-out pass (named as in the report).
+    """
     result = train_lora(loaded, steering, samples, coef=coef, init="closed_form", factors=closed, options=options)
     kept = "refined" if result.best_step > 0 else "closed_form"
     factors = balanced(result.factors) if kept == "refined" else closed
     start = time.perf_counter()
-    heldout = heldout_kl(loaded, steering, heldout_samples, {"closed_form": closed, "refined": factors}, coef=coef)
+    measured = {**baselines, "closed_form": closed, "refined": factors}
+    heldout = heldout_kl(loaded, steering, heldout_samples, measured, coef=coef)
     report = {
         **result.to_dict(),
         "kept": kept,

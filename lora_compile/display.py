@@ -138,11 +138,14 @@ def print_refine(refine: dict) -> None:
     heldout = refine["heldout"]
     adapters = heldout["adapters"]
     table = Table(title="refinement: held-out KL(true‖adapter) / KL(true‖unsteered)")
-    for col in ("domain", "closed form", "refined"):
-        table.add_column(col, justify="left" if col == "domain" else "right")
+    # writer_only: the writer's LoRA alone, measured where the value route was kept.
+    names = [k for k in ("writer_only", "closed_form", "refined") if k in adapters]
+    table.add_column("domain")
+    for name in names:
+        table.add_column(name.replace("_", " ").replace("writer only", "writer alone"), justify="right")
     for domain in adapters["closed_form"]["per_domain"]:
-        table.add_row(domain, *(_fmt(adapters[k]["per_domain"][domain]) for k in ("closed_form", "refined")))
-    table.add_row("all", *(_fmt(adapters[k]["kl_ratio"]) for k in ("closed_form", "refined")), style="bold")
+        table.add_row(domain, *(_fmt(adapters[k]["per_domain"][domain]) for k in names))
+    table.add_row("all", *(_fmt(adapters[k]["kl_ratio"]) for k in names), style="bold")
     out.print(table)
     out.print(
         f"refinement: {refine['steps']} steps in {refine['seconds']:.0f} s (best at step {refine['best_step']}, "

@@ -1,15 +1,17 @@
 """``compile --refine`` measured: held-out KL ratio before/after per site, and refinement vs training.
 
 The happy/sad vector (extracted on the shipped pairs at every layer's ``resid_post``, as the demo
-does) is compiled at each chosen site with ``--refine``, coefficient 4; the compile report's
-held-out KL ratios (shipped held-out set, before = the closed form, after = what was kept) are
-printed per site with the refinement's steps and time. With ``--train``, the first site is also
+does) is compiled at each chosen site with ``--refine``, coefficient 4 (``--route`` applies at
+``resid_mid``); the compile report's held-out KL ratios (shipped held-out set: before = the
+writer's closed form, the closed form kept by the route, after = what was kept) are printed per
+site with the refinement's steps and time, then medians over the sites (``--layers all``: every
+layer; with ``--json`` a long run resumes where it stopped). With ``--train``, the first site is also
 trained from PEFT's standard LoRA init (A kaiming-uniform, B = 0) on the same calibration tokens,
 validation split and step budget (``refine.train_lora``), and the table gives the time each takes
 to reach the closed form's and the refinement's validation KL ratio.
 
-    python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10] [--coef 4] [--train]
-        [--route auto] [--rank 1]
+    python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10|all] [--coef 4] [--train]
+        [--route auto] [--rank 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,10 +36,54 @@ def _fmt(x: float | None) -> str:
     return "never" if x is None else f"{x:.3g}"
 
 
+def _kl_ratios(result: dict) -> tuple[float, float, float]:
+    """Held-out KL ratio of the writer's closed form (before), of the closed form kept, and of the adapter kept."""
+    refine = result["refine"]
+    adapters = refine["heldout"]["adapters"]
+    closed = adapters["closed_form"]["kl_ratio"]
+    return (
+        adapters.get("writer_only", adapters["closed_form"])["kl_ratio"],
+        closed,
+        adapters[refine["kept"]]["kl_ratio"],
+    )
+
+
+def _row(result: dict) -> str:
+    refine = result["refine"]
+    adapters = refine["heldout"]["adapters"]
+    before, closed, after = _kl_ratios(result)
+    domains = " · ".join(
+        f"{d} {_fmt(adapters['closed_form']['per_domain'][d])} → {_fmt(adapters[refine['kept']]['per_domain'][d])}"
+        for d in adapters["closed_form"]["per_domain"]
+    )
+    return (
+        f"| {result['site']} {result['layer']} | {_fmt(before)} | {_fmt(closed)} ({result.get('route', 'writer')}) "
+        f"| {_fmt(adapters['refined']['kl_ratio'])} | {refine['kept'].replace('_', ' ')} | {refine['best_step']}/"
+        f"{refine['steps']} | {refine['seconds']:.0f} | {result['compile_seconds']:.0f} | {domains} |"
+    )
+
+
+def _summary(rows: list[dict]) -> None:
+    """Median before/after over the sites measured, how many reach 0.005, and the worst after/before."""
+    if not rows:
+        return
+    before, _, after = (torch.tensor(x, dtype=torch.float64) for x in zip(*(_kl_ratios(r) for r in rows)))
+    worst = int(torch.argmax(after / before))
+    print(
+        f"\n{len(rows)} site(s): median held-out KL ratio {_fmt(float(before.median()))} (writer's closed form) → "
+        f"{_fmt(float(after.median()))} (kept); sites ≤ 0.005: {int((before <= 0.005).sum())} → "
+        f"{int((after <= 0.005).sum())}; "
+        f"largest after/before {float(after[worst] / before[worst]):.3g} ({rows[worst]['site']} {rows[worst]['layer']})"
+    )
+    for site in sorted({r["site"] for r in rows}):
+        sub = [i for i, r in enumerate(rows) if r["site"] == site]
+        print(f"  {site}: median {_fmt(float(before[sub].median()))} → {_fmt(float(after[sub].median()))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", default="resid_post,resid_mid")
-    parser.add_argument("--layers", default="10")
+    parser.add_argument("--layers", default="10", help="comma-separated, or all")
     parser.add_argument("--coef", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=RefineOptions.steps)
     parser.add_argument("--lr-scale", type=float, default=RefineOptions.lr_scale, help="refinement's relative rate")
@@ -45,59 +91,62 @@ def main() -> None:
     parser.add_argument("--train-lr", type=float, default=None, help="Adam's lr for the standard init (default 1e-3)")
     parser.add_argument("--rank", type=int, default=1, help="the refined adapter's rank")
     parser.add_argument("--route", default="writer", help="compile's --route (auto: the value route where it wins)")
-    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="every number, written after each site; sites already in it are skipped"
+    )
     args = parser.parse_args()
     progress.enable()
     torch.manual_seed(0)
     sites = args.sites.split(",")
-    layers = [int(x) for x in args.layers.split(",")]
+    loaded = load_model(device="cpu")
+    layers = list(range(loaded.num_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     options = RefineOptions(steps=args.steps, lr_scale=args.lr_scale, rank=args.rank)
 
-    loaded = load_model(device="cpu")
     vector = api.extract_vector(demo_pairs_path(), layers, loaded)
     samples = api.calibration_samples(loaded)
     keys = [(site, layer) for site in sites for layer in layers]
-    start = time.perf_counter()
-    calibration = calibrate(loaded, samples, keys)
-    print(f"calibration of {len(keys)} site(s): {time.perf_counter() - start:.0f} s")
 
-    rows, results = [], []
-    for site, layer in keys:
+    results = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    done = {(r["site"], r["layer"]) for r in results}
+    todo = [k for k in keys if k not in done]
+    if todo:
+        start = time.perf_counter()
+        calibration = calibrate(loaded, samples, todo)
+        print(f"calibration of {len(todo)} site(s): {time.perf_counter() - start:.0f} s")
+    for site, layer in todo:
         at_site = SteeringVector({layer: vector.directions[layer]}, site, dict(vector.metadata))
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             result = api.compile_adapter(
                 at_site, Path(tmp) / "a", loaded, coef=args.coef, calibration=calibration, refine=True,
-                refine_options=options, route=args.route,
+                refine_options=options, route=args.route if site == "resid_mid" else "writer",
             )  # fmt: skip
             total = time.perf_counter() - start
-        refine = result.report["refine"]
-        adapters = refine["heldout"]["adapters"]
-        results.append({"site": site, "layer": layer, "compile_seconds": total, "refine": refine})
-        domains = " · ".join(
-            f"{d} {_fmt(adapters['closed_form']['per_domain'][d])} → {_fmt(v)}"
-            for d, v in adapters["refined"]["per_domain"].items()
-        )
-        rows.append(
-            f"| {site} {layer} | {_fmt(adapters['closed_form']['kl_ratio'])} | {_fmt(adapters['refined']['kl_ratio'])} "
-            f"| {_fmt(refine['kl_ratio_initial'])} → {_fmt(refine['kl_ratio_best'])} | {refine['best_step']}/"
-            f"{refine['steps']} | {refine['seconds']:.0f} | {refine['heldout_seconds']:.0f} | {total:.0f} | {domains} |"
-        )
-        print(rows[-1], flush=True)
+        results.append(
+            {"site": site, "layer": layer, "route": result.report["layers"][0]["route"], "compile_seconds": total,
+             "refine": result.report["refine"]}
+        )  # fmt: skip
+        print(_row(results[-1]), flush=True)
+        if args.json:  # after every site: a long run resumes where it stopped
+            args.json.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
+            args.json.with_suffix(".tmp").replace(args.json)
+    by_key = {(r["site"], r["layer"]): r for r in results}
+    rows = [by_key[k] for k in keys if k in by_key]
     print(
-        "\n| site | held-out KL ratio, closed form | refined | validation (calibration split) | best step/steps "
-        "| refine s | held-out measure s | compile s | per domain, closed form → refined |"
+        "\n| site | held-out KL ratio, writer's closed form (before) | closed form kept (route) | refined "
+        "| kept | best step/steps | refine s | compile s | per domain, closed form → refined |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print("\n".join(_row(r) for r in rows))
+    _summary(rows)
 
     if args.train:
         site, layer = keys[0]
         at_site = SteeringVector({layer: vector.directions[layer]}, site, dict(vector.metadata))
-        refine = results[0]["refine"]
+        refine = by_key[keys[0]]["refine"]
         standard = RefineOptions(steps=args.steps, lr=args.train_lr, patience=args.steps)
         trained = train_lora(loaded, at_site, samples, coef=args.coef, init="standard", options=standard)
-        results[0]["standard_init"] = trained.to_dict()
+        by_key[keys[0]]["standard_init"] = trained.to_dict()
         closed_ratio, refined_ratio = refine["kl_ratio_initial"], refine["kl_ratio_best"]
         refined_time = next(h["seconds"] for h in refine["history"] if h["kl_ratio"] <= refined_ratio)
         print(
@@ -121,11 +170,12 @@ def main() -> None:
         )
         print("history (step, s, ratio):", [(h["step"], round(h["seconds"]), round(h["kl_ratio"], 4))
                                             for h in trained.history])  # fmt: skip
-    for r in results:
+    for r in rows[:4]:  # a few sites' histories; the JSON has them all
         h = r["refine"]["history"]
         print(f"{r['site']} {r['layer']} refine history:", [(x["step"], round(x["seconds"]), round(x["kl_ratio"], 4))
                                                           for x in h])  # fmt: skip
-    if args.json:
+
+    if args.json and args.train:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -140,3 +140,11 @@ def test_refinement_starts_from_both_routes(tiny, tmp_path):
     assert before.kl_ratio == pytest.approx(refine["heldout"]["adapters"]["closed_form"]["kl_ratio"], rel=1e-3)
     after = api.verify_adapter(result.adapter_dir, vector, tiny, prompts=HELDOUT, generations=0)
     assert after.kl_ratio == pytest.approx(refine["heldout"]["adapters"][refine["kept"]]["kl_ratio"], rel=1e-3)
+    # the writer's LoRA alone (what the value route bought), as the writer-route adapter measures it
+    writer = api.compile_adapter(vector, tmp_path / "w", tiny, coef=1.0, heldout=HELDOUT, texts=texts)
+    alone = api.verify_adapter(writer.adapter_dir, vector, tiny, prompts=HELDOUT, generations=0)
+    assert alone.kl_ratio == pytest.approx(refine["heldout"]["adapters"]["writer_only"]["kl_ratio"], rel=1e-3)
+    assert (
+        "writer_only"
+        not in _compile(tiny, tmp_path / "r2", vector, texts=texts).report["refine"]["heldout"]["adapters"]
+    )
