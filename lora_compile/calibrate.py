@@ -95,11 +95,7 @@ class Moments:
         2× float32, and keeps the numbers the suite's bounds were measured with). On a GPU it
         is a float32 product, added per batch into the float64 accumulator (``_batch_gram``).
         """
-        if x.device.type == "cpu":
-            x = x.to(torch.float64)
-            self.gram.addmm_(x.T, x)
-        else:
-            self.gram += _batch_gram(x)  # float32 added into float64 in place: no float64 copy
+        add_gram_(self.gram, x)
         self.total += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
 
@@ -774,20 +770,59 @@ def _eager_attention(loaded: LoadedModel):
         config._attn_implementation = before
 
 
-def stream_attention_averaged(
+def work_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision sums are formed in where it is: float64 on the CPU, float32 on a GPU (``_batch_gram``)."""
+    return x.to(torch.float64 if x.device.type == "cpu" else torch.float32)
+
+
+def add_gram_(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram += xᵀx`` into a float64 ``gram`` on ``x``'s device (a float32 product on a GPU)."""
+    if x.device.type == "cpu":
+        x = x.to(torch.float64)
+        gram.addmm_(x.T, x)
+    else:
+        gram += _batch_gram(x)  # float32 added into float64 in place: no float64 copy
+
+
+@dataclass
+class AttentionBatch:
+    """One batch at an attention-written site, on the model's device: what the value route needs.
+
+    ``alpha`` [B, H, T, T]: the attention weights; ``values_inputs`` [B, T, d]: the value
+    projection's inputs (both in float32 at least: bfloat16 would round the averages);
+    ``writer_inputs`` [B, T, d_w]: the writer's inputs, as the model computed them.
+    A LoRA ``B·(a·x)`` on the value projection changes head h's output at token i by exactly
+    ``(a·z^h_i)·B^g(h)``, ``z^h_i = Σ_j α^h_ij x_j`` (``fit.value_route``).
+    """
+
+    alpha: torch.Tensor
+    values_inputs: torch.Tensor
+    writer_inputs: torch.Tensor
+
+    def averaged(self, row: int, mask: torch.Tensor) -> torch.Tensor:
+        """``z`` [N, H, d] of one sequence's N real tokens (``work_precision``): [T, H, d] per sequence."""
+        alpha, x = work_precision(self.alpha[row]), work_precision(self.values_inputs[row])
+        return torch.einsum("hij,jd->ihd", alpha, x)[mask[row].to(alpha.device)]
+
+    def averaged_along(self, row: int, mask: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``a·z^h_i`` [N, H] without forming ``z``: the attention-weighted average of ``a·x_j``."""
+        alpha, x = work_precision(self.alpha[row]), work_precision(self.values_inputs[row])
+        return (alpha @ (x @ a.to(x)))[:, mask[row].to(alpha.device)].T
+
+    def writer(self, row: int, mask: torch.Tensor) -> torch.Tensor:
+        """The writer's inputs [N, d_w] of one sequence's real tokens (``work_precision``)."""
+        return work_precision(self.writer_inputs[row][mask[row].to(self.writer_inputs.device)])
+
+
+def stream_attention(
     loaded: LoadedModel,
     site: str,
     layer: int,
     token_lists: list[list[int]],
     description: str = "running model",
     batch_tokens: int = BATCH_TOKENS,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per batch: (sample indices, mask [B, T], z [B, T, H, d], writer inputs [B, T, d_w]), attention-written site.
-
-    ``z[b, i, h] = Σ_j α^h_ij x_j``: the value projection's inputs ``x_j`` averaged by head h's
-    attention weights from token i. A LoRA ``B·(a·x)`` on the value projection changes head h's
-    output at token i by exactly ``(a·z^h_i)·B^g(h)`` (``fit.value_route``).
-    """
+) -> Iterator[tuple[list[int], torch.Tensor, AttentionBatch]]:
+    """Per batch: (sample indices, mask [B, T] on the CPU, ``AttentionBatch``) at an attention-written site."""
     attention, values = loaded.arch.attention_route(site, layer)
     seen: dict[str, torch.Tensor] = {}
 
@@ -805,11 +840,8 @@ def stream_attention_averaged(
         with _eager_attention(loaded):
             batches = stream_writer_inputs(loaded, [(site, layer)], token_lists, description, batch_tokens)
             for batch, mask, inputs in batches:
-                # float32 at least (bfloat16 weights would round the average); [B, T, H, d] is H times
-                # one layer's activations, so the route costs memory where it is measured.
-                alpha, x = seen["alpha"].float(), seen["x"].float()
-                z = torch.einsum("bhij,bjd->bihd", alpha, x).to(torch.float64).cpu()
-                yield batch, mask, z, inputs[(site, layer)]
+                alpha, x = (t if t.dtype == torch.float64 else t.float() for t in (seen.pop("alpha"), seen.pop("x")))
+                yield batch, mask, AttentionBatch(alpha, x, inputs[(site, layer)])
     finally:
         for h in handles:
             h.remove()

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .calibrate import Moments, Projections
+from .calibrate import Moments, Projections, add_gram_
 from .errors import LoraCompileError
 
 DIRECTION_METHODS = ("ridge", "axis")
@@ -200,13 +200,17 @@ class ValueRoute:
     rest: torch.Tensor  # [d] float64
     head_values: torch.Tensor  # [H, head_dim] float64: values_b as each query head sees it
 
-    def writer_input_shift(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """What the value LoRA ``B·(a·x)`` adds to the writer's input, [N, H·head_dim] for ``z`` [N, H, d].
+    def writer_input_shift(self, za: torch.Tensor) -> torch.Tensor:
+        """What the value LoRA ``B·(a·x)`` adds to the writer's input, [N, H·head_dim] for ``za = a·z`` [N, H].
 
         A LoRA on the writer as well sees its input shifted by this: its direction must be
         fitted on the shifted inputs, or ``b·Δu`` adds a spurious multiple of its vector.
         """
-        return ((z.to(torch.float64) @ a)[:, :, None] * self.head_values[None]).reshape(z.shape[0], -1)
+        return (za[:, :, None] * self.head_values.to(za)[None]).reshape(za.shape[0], -1)
+
+    def to(self, like: torch.Tensor) -> ValueRoute:
+        """This route's tensors on ``like``'s device and in its dtype (the passes' working precision)."""
+        return ValueRoute(*(t.to(like) for t in (self.values_b, self.per_head, self.rest, self.head_values)))
 
     @property
     def reached(self) -> float:
@@ -241,11 +245,12 @@ def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute
     evals, evecs = torch.linalg.eigh(k)
     root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = K
     target = root.sum(1)
-    y = torch.einsum("kh,nhd->nkd", root, z.to(torch.float64)).reshape(-1, z.shape[-1])
-    t = target.repeat(z.shape[0])
-    moments.gram.addmm_(y.T, y)
-    moments.total += y.T @ t
-    moments.count += float(t @ t)
+    # z in its own precision (float32 on a GPU), the sums in float64 where the moments are.
+    y = torch.einsum("kh,nhd->nkd", root.to(z), z).reshape(-1, z.shape[-1])
+    t = target.repeat(z.shape[0]).to(z)
+    add_gram_(moments.gram, y)
+    moments.total += (y.T @ t).to(torch.float64)
+    moments.count += float(t.to(torch.float64) @ t.to(torch.float64))
 
 
 # Tikhonov starting points for the post-norm vector, relative to mean(g²): the smallest is the

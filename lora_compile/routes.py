@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrate import Moments, SiteKey, stream_attention_averaged
+from .calibrate import Moments, SiteKey, stream_attention
 from .emit import Factors, balanced
 from .errors import LoraCompileError
 from .fit import ValueRoute, add_value_route_moments, choose_ridge, fit_ridge, value_route
@@ -88,8 +88,8 @@ class ValueRouteFit:
         }
 
 
-def _two_folds(dim: int) -> list[Moments]:
-    return [Moments.zeros(dim), Moments.zeros(dim)]
+def _two_folds(dim: int, device: torch.device) -> list[Moments]:
+    return [Moments.zeros(dim, device), Moments.zeros(dim, device)]
 
 
 def _solve(folds: list[Moments], ridge: float | None) -> tuple[torch.Tensor, float]:
@@ -115,35 +115,41 @@ def fit_value_route(
     Samples alternate between two folds (odd ones: the second), as ``calibrate`` splits them.
     """
     values, writer = value_route_modules(loaded, key)
-    # On the CPU in float64, where stream_attention_averaged hands over the averaged inputs.
+    # The split is solved on the CPU in float64 (a small least-squares problem); the passes run
+    # where the model is, in its working precision (float64 on the CPU, float32 on a GPU), with
+    # the moments summed in float64 there, as calibrate's are.
     route = value_route(loaded.module(writer).weight.detach().cpu(), loaded.attention_shape, vector.cpu())
+    values_device, writer_device = (loaded.module(m).weight.device for m in (values, writer))
     label = f"{key[0]} {key[1]} value route"
 
-    value_folds = _two_folds(loaded.in_features(values))
-    for batch, mask, z, _ in stream_attention_averaged(loaded, *key, calibration, f"{label}: values"):
+    value_folds = _two_folds(loaded.in_features(values), values_device)
+    for batch, mask, seen in stream_attention(loaded, *key, calibration, f"{label}: values"):
         for row, i in enumerate(batch):
-            add_value_route_moments(value_folds[i % 2], z[row][mask[row]], route)
+            add_value_route_moments(value_folds[i % 2], seen.averaged(row, mask), route)
     a, ridge_values = _solve(value_folds, ridge)
 
-    writer_folds = _two_folds(loaded.in_features(writer))
-    for batch, mask, z, u in stream_attention_averaged(loaded, *key, calibration, f"{label}: writer"):
+    writer_folds = _two_folds(loaded.in_features(writer), writer_device)
+    for batch, mask, seen in stream_attention(loaded, *key, calibration, f"{label}: writer"):
         for row, i in enumerate(batch):
-            zr = z[row][mask[row]]
-            writer_folds[i % 2].add_(u[row][mask[row]].cpu().to(torch.float64) + route.writer_input_shift(zr, a))
+            u = seen.writer(row, mask)
+            writer_folds[i % 2].add_(u + route.writer_input_shift(seen.averaged_along(row, mask, a)).to(u))
     b, ridge_writer = _solve(writer_folds, ridge)
 
     squares: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for batch, mask, z, u in stream_attention_averaged(loaded, *key, heldout, f"{label}: held-out"):
+    for batch, mask, seen in stream_attention(loaded, *key, heldout, f"{label}: held-out"):
         for row, i in enumerate(batch):
-            zr, ur = z[row][mask[row]], u[row][mask[row]].cpu().to(torch.float64)
-            writer_error = (ur + route.writer_input_shift(zr, a)) @ b - 1
-            error = (zr @ a - 1) @ route.per_head.T + writer_error[:, None] * route.rest
+            za = seen.averaged_along(row, mask, a)
+            here = route.to(za)
+            u = seen.writer(row, mask)
+            writer_error = (u + here.writer_input_shift(za)) @ b.to(u) - 1
+            error = (za - 1) @ here.per_head.T + writer_error[:, None] * here.rest
             for domain in (heldout_domains[i], "all"):
                 squares[domain] += float(error.pow(2).sum())
-                counts[domain] += zr.shape[0]
+                counts[domain] += za.shape[0]
     norm = float(vector.to(torch.float64).norm())
     errors = {d: math.sqrt(squares[d] / counts[d]) / norm for d in sorted(squares)}
+    a, b = a.cpu(), b.cpu()  # fitted where the moments were; emitted on the CPU
     return ValueRouteFit(
         values_module=values,
         writer=writer,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lora_compile.calibrate import Moments, encode, stream_attention_averaged
+from lora_compile.calibrate import Moments, encode, stream_attention
 from lora_compile.corpus import Sample
 from lora_compile.fit import add_value_route_moments, squared_error, value_route
 
@@ -51,13 +51,14 @@ def test_a_value_lora_adds_the_attention_averaged_projection_exactly(tiny):
     token_lists = encode(loaded, samples)
     base = _writer_io(loaded.model, writer, token_lists)
     lora = _writer_io(steered.base_model.model, writer, token_lists)
-    for batch, mask, z, _ in stream_attention_averaged(loaded, "resid_mid", LAYER, token_lists, batch_tokens=1):
+    for batch, mask, seen in stream_attention(loaded, "resid_mid", LAYER, token_lists, batch_tokens=1):
         (i,) = batch
-        zt = z[0][mask[0]]
+        zt = seen.averaged(0, mask)
+        assert torch.allclose(seen.averaged_along(0, mask, a), zt @ a, rtol=1e-12, atol=1e-12)
         # The eager kernel's softmax runs in float32 even in a float64 model: agreement to ~1e-7, not 1e-15.
         for actual, predicted in (
             (lora[i][1] - base[i][1], (zt @ a) @ route.per_head.T),  # the site: Σ_h (a·z^h_t) c_h
-            (lora[i][0] - base[i][0], route.writer_input_shift(zt, a)),  # the writer's input
+            (lora[i][0] - base[i][0], route.writer_input_shift(zt @ a)),  # the writer's input
         ):
             error = float((actual - predicted).abs().max() / actual.abs().max())
             assert error < 1e-6, (i, error)
@@ -76,10 +77,11 @@ def test_value_route_moments_give_the_exact_squared_error(tiny):
     moments = Moments.zeros(loaded.hidden_size)
     a = torch.randn(loaded.hidden_size, generator=gen, dtype=torch.float64)
     direct = 0.0
-    for _, mask, z, _ in stream_attention_averaged(loaded, "resid_mid", LAYER, token_lists):
-        zt = z[mask]
-        add_value_route_moments(moments, zt, route)
-        direct += float((((zt @ a) - 1) @ route.per_head.T).pow(2).sum())
+    for batch, mask, seen in stream_attention(loaded, "resid_mid", LAYER, token_lists):
+        for row in range(len(batch)):
+            zt = seen.averaged(row, mask)
+            add_value_route_moments(moments, zt, route)
+            direct += float((((zt @ a) - 1) @ route.per_head.T).pow(2).sum())
     assert abs(squared_error(a, moments) - direct) <= 1e-9 * direct
 
 
