@@ -153,7 +153,7 @@ def calibrate_moments(
     fingerprint = model_fingerprint(loaded)
     headers: list[dict] = []
     main = distributed.is_main()
-    with peak_memory(loaded.device) as peak, atomic_outputs(paths if main else [], force) as temps:
+    with peak_memory(loaded.devices) as peak, atomic_outputs(paths if main else [], force) as temps:
         for i, group in enumerate(groups):
             exact = calibrate_exact(loaded, samples, [k for k in keys if k[1] in group], shard=part)
             if main:
@@ -244,7 +244,7 @@ def scan(
     else:
         keys = site_keys(loaded, sites, layers)
     heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
-    with peak_memory(loaded.device) as peak:
+    with peak_memory(loaded.devices) as peak:
         if calibration is not None:
             result = scan_sites(loaded, calibration, heldout_samples, ridge)
             groups = [sorted({layer for _, layer in calibration.moments})]
@@ -547,7 +547,7 @@ def compile_adapter(
     steering = _select(vector, layers, site)
     prof.check_site(steering.site)
     loaded = _model(model, device, model_dtype)
-    with peak_memory(loaded.device) as peak:
+    with peak_memory(loaded.devices) as peak:
         return _compile(
             loaded, steering, out_dir, prof, peak, coef=coef, direction=direction, ridge=ridge, texts=texts,
             heldout=heldout, self_generated=self_generated, seed=seed, force=force, calibration=calibration,

@@ -448,7 +448,7 @@ def stream_writer_inputs(
     batch_tokens: int = BATCH_TOKENS,
     select: list[int] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[SiteKey, torch.Tensor]]]:
-    """Per batch: (sample indices, mask [B, T] on the CPU, inputs per site [B, T, d_site] on the model's device).
+    """Per batch: (sample indices, mask [B, T] on the CPU, inputs per site [B, T, d_site] on its writer's device).
 
     ``select``: run only these batches (``stream_captured``).
     """
@@ -560,7 +560,8 @@ def calibrate_exact(
     for _, layer in keys:
         loaded.check_layer(layer)
     token_lists = encode(loaded, samples)
-    device = loaded.device
+    # Each site's sums stay where its writer's inputs are (its layer's GPU, for a split model).
+    device = {k: loaded.device_of(loaded.arch.writers(*k)[0]) for k in keys}
     count = batch_count(loaded, token_lists, batch_tokens)
     part, parts = shard if shard is not None else (0, 1)
     shard_range = distributed.share(count, part, parts)
@@ -568,7 +569,7 @@ def calibrate_exact(
     total_tokens = sum(len(t) for t in token_lists)
     # Two d×d int64 sums per site (all tokens, and the odd fold): scan.site_moments_bytes.
     sums: dict[SiteKey, ExactMoments] = {}
-    check = {k: torch.zeros(site_dim(loaded, k), dtype=torch.float64, device=device) for k in keys}
+    check = {k: torch.zeros(site_dim(loaded, k), dtype=torch.float64, device=device[k]) for k in keys}
     domains = dict.fromkeys(sorted({s.domain for s in samples}), 0)
     run = ([0] if 0 not in mine else []) + mine  # batch 0 first everywhere: it fixes the scale
     batches = stream_writer_inputs(loaded, keys, token_lists, "calibrating", batch_tokens, select=run)
@@ -576,19 +577,18 @@ def calibrate_exact(
         if not sums:
             for key, x in inputs.items():
                 probe = FixedPointScale.from_probe(x[mask.to(x.device)], total_tokens)
-                sums[key] = ExactMoments.zeros(probe, device)
+                sums[key] = ExactMoments.zeros(probe, x.device)
         if index not in mine:
             continue
         is_odd = torch.tensor([i % 2 == 1 for i in batch])[:, None]
-        even_mask, odd_mask = (mask & ~is_odd).to(device), (mask & is_odd).to(device)
         for key, x in inputs.items():
-            sums[key].add_(x[even_mask], odd=False)
-            sums[key].add_(x[odd_mask], odd=True)
-            check[key] += (x[mask.to(device)].to(torch.float64) ** 2).sum(0)
+            sums[key].add_(x[(mask & ~is_odd).to(x.device)], odd=False)
+            sums[key].add_(x[(mask & is_odd).to(x.device)], odd=True)
+            check[key] += (x[mask.to(x.device)].to(torch.float64) ** 2).sum(0)
         for i in batch:
             domains[samples[i].domain] += len(token_lists[i])
     if not sums:  # no text at all: nothing to scale by
-        sums = {k: ExactMoments.zeros(FixedPointScale.unit(site_dim(loaded, k)), device) for k in keys}
+        sums = {k: ExactMoments.zeros(FixedPointScale.unit(site_dim(loaded, k)), device[k]) for k in keys}
     for key in keys:
         sums[key].all_reduce_()
         sums[key].check_range(distributed.all_reduce_sum_(check[key]), key)
@@ -629,9 +629,10 @@ def compiled_deltas(loaded: LoadedModel, steered: dict[SiteKey, tuple[torch.Tens
     try:
         for (site, layer), (direction, vec) in steered.items():
             writers = loaded.arch.writers(site, layer)
-            parts = torch.split(direction.to(loaded.device), [loaded.in_features(w) for w in writers])
+            parts = torch.split(direction, [loaded.in_features(w) for w in writers])
             for writer, part in zip(writers, parts):
-                handles.append(loaded.module(writer).register_forward_hook(adder(part, vec.to(loaded.device))))
+                device = loaded.device_of(writer)
+                handles.append(loaded.module(writer).register_forward_hook(adder(part.to(device), vec.to(device))))
         yield
     finally:
         for h in handles:

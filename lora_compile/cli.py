@@ -65,7 +65,14 @@ SelfGenOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="Where the model runs: auto (CUDA if available), cpu, cuda or cuda:N.")
+    str,
+    typer.Option(
+        "--device",
+        help=(
+            "Where the model runs: auto (CUDA if available), cpu, cuda, cuda:N, or cuda:all (the layers split "
+            "across every visible GPU, for a model larger than one)."
+        ),
+    ),
 ]
 ModelDtypeOpt = Annotated[
     str,

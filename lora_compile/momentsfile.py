@@ -176,17 +176,16 @@ def load_moments(
                 if f"{key[0]}.{key[1]}" not in h["site_counts"]:
                     continue  # in another layer group's file
                 counts = h["site_counts"][f"{key[0]}.{key[1]}"]
-                scale = FixedPointScale(f.get_tensor(_name(key, "exponents")).cpu(), counts["count_exponent"])
+                site = loaded.device_of(loaded.arch.writers(*key)[0])  # as calibrate keeps them: at the writer
+
+                def get(part: str, key: SiteKey = key, site: torch.device = site) -> torch.Tensor:
+                    return f.get_tensor(_name(key, part)).to(site)
+
+                scale = FixedPointScale(get("exponents").cpu(), counts["count_exponent"])
                 m = ExactMoments(
-                    scale,
-                    f.get_tensor(_name(key, "gram")),
-                    f.get_tensor(_name(key, "total")),
-                    counts["count"],
-                    f.get_tensor(_name(key, "odd_gram")),
-                    f.get_tensor(_name(key, "odd_total")),
-                    counts["odd_count"],
-                    f.get_tensor(_name(key, "pinned")),
-                )
+                    scale, get("gram"), get("total"), counts["count"], get("odd_gram"), get("odd_total"),
+                    counts["odd_count"], get("pinned"),
+                )  # fmt: skip
                 total[key] = m if key not in total else total[key] + m
     # Tokens and domains of the calibration: the same in every group, so from one group's shards.
     one_group = [headers[i] for i in next(iter(groups.values()))]

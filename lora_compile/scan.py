@@ -56,25 +56,30 @@ def plan_layer_groups(
     """Consecutive layers calibrated together, so a scan never holds every layer's moments at once.
 
     ``group_layers``: that many layers per group. Otherwise as many layers per group as fit in
-    ``MOMENTS_MEMORY_SHARE`` of the device's free memory (``free_bytes``, measured when None) less
-    what fitting the largest site needs (its Gram's ``G − fold``, ``G + λI`` and Cholesky factor).
+    ``MOMENTS_MEMORY_SHARE`` of the free memory (``free_bytes``, measured when None) less what
+    fitting the largest site needs (its Gram's ``G − fold``, ``G + λI`` and Cholesky factor), on
+    every device: a model split across GPUs keeps each site's moments on its layer's GPU.
     Each group costs a forward pass over the calibration text up to its deepest layer.
     """
     layers = sorted({layer for _, layer in keys})
     if group_layers is not None:
         return [layers[i : i + group_layers] for i in range(0, len(layers), group_layers)]
     per_layer = moments_bytes_by_layer(loaded, keys)
+    device = {k[1]: loaded.device_of(loaded.arch.writers(*k)[0]) for k in keys}
     largest_gram = max(site_moments_bytes(loaded, k) for k in keys) // 2
-    free = device_memory_bytes(loaded.device) if free_bytes is None else free_bytes
-    budget = MOMENTS_MEMORY_SHARE * free - 3 * largest_gram
+    budget = {
+        d: MOMENTS_MEMORY_SHARE * (device_memory_bytes(d) if free_bytes is None else free_bytes) - 3 * largest_gram
+        for d in set(device.values())
+    }
     groups: list[list[int]] = [[]]
-    used = 0
+    used = dict.fromkeys(budget, 0)
     for layer in layers:
-        if groups[-1] and used + per_layer[layer] > budget:
+        here = device[layer]
+        if groups[-1] and used[here] + per_layer[layer] > budget[here]:
             groups.append([])
-            used = 0
+            used = dict.fromkeys(budget, 0)
         groups[-1].append(layer)
-        used += per_layer[layer]
+        used[here] += per_layer[layer]
     return groups
 
 

@@ -46,8 +46,8 @@ def true_addition(loaded: LoadedModel, vector: SteeringVector, coef: float = 1.0
 
     try:
         for layer, vec in vector.directions.items():
-            module = loaded.module(loaded.arch.hook_module(vector.site, layer))
-            handles.append(module.register_forward_hook(adder(coef * vec.to(loaded.device))))
+            path = loaded.arch.hook_module(vector.site, layer)
+            handles.append(loaded.module(path).register_forward_hook(adder(coef * vec.to(loaded.device_of(path)))))
         yield
     finally:
         for h in handles:
@@ -305,10 +305,10 @@ def verify(
                 domains += [prompts[i].domain] * int(m[row].sum())
             position = torch.arange(m.shape[1], device=m.device).expand_as(m)
             for layer in vector.layers:
-                target = (coef * vector.directions[layer]).to(loaded.device, torch.float64)
-                # [B, T, d] (OPT's MLP writers see the tokens flattened to [B·T, d])
+                # [B, T, d] (OPT's MLP writers see the tokens flattened to [B·T, d]), on the layer's device
                 added = sum(deltas[w].double().reshape(*m.shape, -1) for w in loaded.arch.writers(vector.site, layer))
-                err = (added - target).norm(dim=-1) / target.norm()
+                target = (coef * vector.directions[layer]).to(added.device, torch.float64)
+                err = ((added - target).norm(dim=-1) / target.norm()).to(m.device)
                 rel.append(err[m & (position > 0)].cpu())
                 rel_first.append(err[m & (position == 0)].cpu())
         for sample in track(generation_prompts or [], "greedy generations"):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from lora_compile import api, corpus
 from lora_compile.calibrate import project_inputs
 from lora_compile.cli import EXIT_BAD_INPUT, app
-from lora_compile.devices import model_dtype, resolve_device
+from lora_compile.devices import model_dtype, peak_memory, resolve_device, spreads
 from lora_compile.scan import plan_layer_groups, site_keys, site_moments_bytes
 from lora_compile.targets import KEY_PREFIX
 from lora_compile.vectors import SteeringVector, save_vector
@@ -49,6 +49,25 @@ def test_device_and_dtype_names():
             resolve_device(bad)
     with pytest.raises(api.LoraCompileError, match="unknown model dtype"):
         model_dtype("float64")
+    assert spreads("cuda:all") and not spreads("cuda") and not spreads("cuda:0")
+
+
+def test_a_model_on_one_device_reports_it_everywhere(tiny):
+    """Inputs, each writer and the memory measure name the model's one device (several for cuda:all)."""
+    writer = tiny.arch.writers("resid_post", 1)[0]
+    assert tiny.devices == [torch.device("cpu")] and tiny.device_of(writer) == tiny.device == torch.device("cpu")
+    with peak_memory(tiny.devices) as peak:
+        pass
+    assert peak.device == "cpu" and peak.peak_bytes > 0 and peak.per_device == {}
+
+
+@without_cuda
+def test_all_gpus_without_cuda_is_a_one_line_error(tiny_dir, tmp_path, texts):
+    vec = str(save_vector(SteeringVector({1: torch.randn(64)}), tmp_path / "v.safetensors"))
+    args = ["compile", "-v", vec, "-o", str(tmp_path / "out"), "--model", tiny_dir, "--device", "cuda:all", *texts]
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_BAD_INPUT and "--device cuda:all" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 @without_cuda
@@ -186,3 +205,17 @@ def test_cuda_bfloat16_compile_scan_verify(tiny_dir, tmp_path, texts):
     assert report["memory"]["device"].startswith("cuda") and report["memory"]["peak_bytes"] > 0
     scan = json.loads((tmp_path / "scan.json").read_text())
     assert scan["memory"]["layer_groups"] == [[0, 1], [2, 3]]
+
+
+@needs_cuda
+def test_all_gpus_compile_equals_one_gpu(tiny_dir, tmp_path, texts):
+    """cuda:all (the layers split across the visible GPUs by accelerate) compiles the adapter cuda does."""
+    vec = str(save_vector(SteeringVector({1: torch.randn(64), 2: torch.randn(64)}), tmp_path / "v.safetensors"))
+    for device in ("cuda", "cuda:all"):
+        args = ["compile", "-v", vec, "-o", str(tmp_path / device), "--layers", "1,2", "--model", tiny_dir]
+        result = runner.invoke(app, [*args, "--device", device, *texts])
+        assert result.exit_code == 0, (device, result.output)
+    one, split = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("cuda", "cuda:all"))
+    assert one.keys() == split.keys() and all(torch.equal(one[k], split[k]) for k in one)
+    memory = json.loads((tmp_path / "cuda:all" / "compile_report.json").read_text())["memory"]
+    assert memory["per_device"] and memory["peak_bytes"] == sum(memory["per_device"].values())
