@@ -51,11 +51,18 @@ def _name(key: SiteKey, part: str) -> str:
 
 def group_paths(out: str | Path, groups: list[list[int]]) -> list[Path]:
     """Where ``calibrate -o out`` writes each layer group: ``out`` itself for one group, else
-    ``out``'s name with the group's layers (``m.safetensors`` → ``m.layers-0-13.safetensors``)."""
+    ``out``'s name with the group's layers (``m.safetensors`` → ``m.layers-0-13.safetensors``), or
+    its place where the layers are not a range (``m.group-1-of-5.safetensors``)."""
     out = Path(out)
     if len(groups) == 1:
         return [out]
-    return [out.with_name(f"{out.stem}.layers-{g[0]}-{g[-1]}{out.suffix}") for g in groups]
+    # A split model's groups take layers from every GPU: not a range, named by their place.
+    return [
+        out.with_name(f"{out.stem}.layers-{g[0]}-{g[-1]}{out.suffix}")
+        if g == list(range(g[0], g[-1] + 1))
+        else out.with_name(f"{out.stem}.group-{i + 1}-of-{len(groups)}{out.suffix}")
+        for i, g in enumerate(groups)
+    ]
 
 
 def save_moments(

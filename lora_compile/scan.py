@@ -53,7 +53,7 @@ def moments_bytes_by_layer(loaded: LoadedModel, keys: list[SiteKey]) -> dict[int
 def plan_layer_groups(
     loaded: LoadedModel, keys: list[SiteKey], group_layers: int | None = None, free_bytes: int | None = None
 ) -> list[list[int]]:
-    """Consecutive layers calibrated together, so a scan never holds every layer's moments at once.
+    """Layers calibrated together (consecutive on one device), so a scan never holds every layer's moments at once.
 
     ``group_layers``: that many layers per group. Otherwise as many layers per group as fit in
     ``MOMENTS_MEMORY_SHARE`` of the free memory (``free_bytes``, measured when None) less what
@@ -71,16 +71,23 @@ def plan_layer_groups(
         d: MOMENTS_MEMORY_SHARE * (device_memory_bytes(d) if free_bytes is None else free_bytes) - 3 * largest_gram
         for d in set(device.values())
     }
-    groups: list[list[int]] = [[]]
-    used = dict.fromkeys(budget, 0)
+    # Each device fills groups in layer order; on a split model the next GPU's layers start again
+    # at the first group, so a group holds a share of every GPU (fewer groups, and fewer passes,
+    # than consecutive layers that all sit on one GPU). On one device: consecutive layers.
+    groups: list[list[int]] = []
+    used: list[dict] = []
+    current = dict.fromkeys(budget, 0)
     for layer in layers:
         here = device[layer]
-        if groups[-1] and used[here] + per_layer[layer] > budget[here]:
+        g = current[here]
+        if g < len(groups) and used[g][here] and used[g][here] + per_layer[layer] > budget[here]:
+            g = current[here] = g + 1
+        if g == len(groups):
             groups.append([])
-            used = dict.fromkeys(budget, 0)
-        groups[-1].append(layer)
-        used[here] += per_layer[layer]
-    return groups
+            used.append(dict.fromkeys(budget, 0))
+        groups[g].append(layer)
+        used[g][here] += per_layer[layer]
+    return [sorted(g) for g in groups]
 
 
 def memory_plan(loaded: LoadedModel, keys: list[SiteKey], groups: list[list[int]]) -> dict:

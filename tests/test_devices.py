@@ -1,6 +1,7 @@
 """Device and precision: --device and --model-dtype, peak memory in the reports, the scan's layer groups."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from lora_compile import api, corpus
 from lora_compile.calibrate import project_inputs
 from lora_compile.cli import EXIT_BAD_INPUT, app
 from lora_compile.devices import model_dtype, peak_memory, resolve_device, spreads
+from lora_compile.momentsfile import group_paths
 from lora_compile.scan import plan_layer_groups, site_keys, site_moments_bytes
 from lora_compile.targets import KEY_PREFIX
 from lora_compile.vectors import SteeringVector, save_vector
@@ -130,6 +132,21 @@ def test_layer_groups_follow_the_memory_budget(tiny):
     assert plan_layer_groups(tiny, keys, free_bytes=0) == [[0], [1], [2], [3]]  # never fewer than one layer
     assert plan_layer_groups(tiny, keys, free_bytes=2**40) == [[0, 1, 2, 3]]
     assert plan_layer_groups(tiny, keys, group_layers=3) == [[0, 1, 2], [3]]
+
+
+def test_layer_groups_of_a_split_model_take_a_share_of_every_gpu(tiny, monkeypatch):
+    """cuda:all: layers 0-1 on one GPU, 2-3 on another, room for one layer's moments on each."""
+    keys = site_keys(tiny)
+    per_layer = sum(site_moments_bytes(tiny, k) for k in keys if k[1] == 0)
+    largest_gram = max(site_moments_bytes(tiny, k) for k in keys) // 2
+    free = int((per_layer + 3 * largest_gram) / 0.85) + 1
+    assert plan_layer_groups(tiny, keys, free_bytes=free) == [[0], [1], [2], [3]]  # one device
+    gpu = {f"{tiny.arch.layer_module(layer)}.": torch.device("cuda", layer // 2) for layer in range(4)}
+    monkeypatch.setattr(type(tiny), "device_of", lambda _, path: next(d for p, d in gpu.items() if path.startswith(p)))
+    assert plan_layer_groups(tiny, keys, free_bytes=free) == [[0, 2], [1, 3]]
+    assert group_paths("m.safetensors", [[0, 2], [1, 3]]) == [Path("m.group-1-of-2.safetensors"),
+                                                             Path("m.group-2-of-2.safetensors")]  # fmt: skip
+    assert group_paths("m.safetensors", [[0, 1], [2, 3]])[1] == Path("m.layers-2-3.safetensors")
 
 
 def test_compile_reports_peak_memory_and_model_dtype(tiny_dir, tmp_path, texts):
