@@ -62,11 +62,16 @@ class RefineOptions:
     lr_scale: float = 0.003  # 0.02 overshot at resid_mid 10 (README "Refinement")
     rank: int = 1  # extra rank beyond the closed form's 1 starts as A random, B = 0 (adds nothing)
     seed: int = 0
+    # Stop (after an evaluation) once this many seconds have passed: a wall-clock budget for
+    # comparisons (scripts/bench.py); None, as compile uses it: the steps alone, deterministic.
+    max_seconds: float | None = None
 
     def check(self) -> None:
         for name in ("steps", "batch_samples", "train_samples", "val_samples", "max_tokens", "eval_every", "rank"):
             if getattr(self, name) < 1:
                 raise LoraCompileError(f"refinement {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise LoraCompileError(f"refinement time budget must be positive, got {self.max_seconds}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise LoraCompileError(f"refinement learning rate must be a positive number, got {self.lr}")
 
@@ -347,7 +352,8 @@ def train_lora(
             loss = _kl(batch.target, runner.logits(batch)).mean()
             loss.backward()
             optimiser.step()
-            if step % options.eval_every and step != options.steps:
+            out_of_time = options.max_seconds is not None and time.perf_counter() - start > options.max_seconds
+            if step % options.eval_every and step != options.steps and not out_of_time:
                 continue
             ratio = evaluate()
             history.append({"step": step, "seconds": time.perf_counter() - start, "kl_ratio": ratio})
@@ -355,8 +361,8 @@ def train_lora(
                 best_ratio, best_step, best, stale = ratio, step, snapshot(), 0
             else:
                 stale += 1
-                if stale >= options.patience:
-                    break
+            if stale >= options.patience or out_of_time:
+                break
     return TrainResult(
         factors=best,
         init=init,

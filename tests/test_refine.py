@@ -1,5 +1,6 @@
 """compile --refine: KL refinement from the closed form, wired on a tiny random model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -109,6 +110,15 @@ def test_standard_init_starts_as_the_unsteered_model(tiny):
     assert result.history[0]["step"] == 0 and 0 < result.steps <= FAST.steps
     (a, b), *_ = result.factors.values()
     assert bool(b.any()) == (result.best_step > 0)  # the best factors: the init itself only at step 0
+
+
+def test_a_time_budget_stops_after_an_evaluation(tiny):
+    """max_seconds (the benchmark's 10× compile time): the step that overruns it is evaluated, then training stops."""
+    options = dataclasses.replace(FAST, steps=1000, patience=1000, max_seconds=1e-6)
+    result = train_lora(tiny, _vector(tiny), TEXTS, init="standard", options=options)
+    assert result.steps == 1 and [h["step"] for h in result.history] == [0, 1]
+    with pytest.raises(LoraCompileError, match="time budget must be positive"):
+        RefineOptions(max_seconds=0).check()
 
 
 def test_refine_at_the_exact_site_is_skipped_with_a_warning(tiny, tmp_path):
