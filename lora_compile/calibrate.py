@@ -787,7 +787,7 @@ def add_gram_(gram: torch.Tensor, x: torch.Tensor) -> None:
 
 @dataclass
 class AttentionBatch:
-    """One batch at an attention-written site, on the model's device: what the value route needs.
+    """One batch at an attention-written site, on its layer's device: what the value route needs.
 
     ``alpha`` [B, H, T, T]: the attention weights; ``values_inputs`` [B, T, d]: the value
     projection's inputs (both in float32 at least: bfloat16 would round the averages);

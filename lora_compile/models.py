@@ -71,7 +71,11 @@ class LoadedModel:
 
     def device_of(self, path: str) -> torch.device:
         """The device of a module's weights, where its inputs and outputs are (a split model's layer's GPU)."""
-        return next(self.module(path).parameters()).device
+        module = self.module(path)
+        tensor = next(module.parameters(), None)
+        if tensor is None:
+            tensor = next(module.buffers(), None)
+        return self.device if tensor is None else tensor.device  # a module of neither: where inputs go
 
     @property
     def dtype(self) -> torch.dtype:

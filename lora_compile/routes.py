@@ -119,7 +119,7 @@ def fit_value_route(
     # where the model is, in its working precision (float64 on the CPU, float32 on a GPU), with
     # the moments summed in float64 there, as calibrate's are.
     route = value_route(loaded.module(writer).weight.detach().cpu(), loaded.attention_shape, vector.cpu())
-    values_device, writer_device = (loaded.module(m).weight.device for m in (values, writer))
+    values_device, writer_device = loaded.device_of(values), loaded.device_of(writer)
     label = f"{key[0]} {key[1]} value route"
 
     value_folds = _two_folds(loaded.in_features(values), values_device)
