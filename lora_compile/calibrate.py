@@ -511,6 +511,11 @@ def writer_outputs(loaded: LoadedModel, samples: list[Sample], key: SiteKey, max
     return torch.cat(out)[:max_tokens]
 
 
+def site_device(loaded: LoadedModel, key: SiteKey) -> torch.device:
+    """Where a site's writer inputs are, and so its moments (its layer's GPU, for a split model)."""
+    return loaded.device_of(loaded.arch.writers(*key)[0])
+
+
 def site_dim(loaded: LoadedModel, key: SiteKey) -> int:
     site, layer = key
     return sum(loaded.in_features(w) for w in loaded.arch.writers(site, layer))
@@ -560,8 +565,7 @@ def calibrate_exact(
     for _, layer in keys:
         loaded.check_layer(layer)
     token_lists = encode(loaded, samples)
-    # Each site's sums stay where its writer's inputs are (its layer's GPU, for a split model).
-    device = {k: loaded.device_of(loaded.arch.writers(*k)[0]) for k in keys}
+    device = {k: site_device(loaded, k) for k in keys}
     count = batch_count(loaded, token_lists, batch_tokens)
     part, parts = shard if shard is not None else (0, 1)
     shard_range = distributed.share(count, part, parts)

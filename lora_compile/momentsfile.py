@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import ExactCalibration, ExactMoments, FixedPointScale, SiteKey
+from .calibrate import ExactCalibration, ExactMoments, FixedPointScale, SiteKey, site_device
 from .errors import LoraCompileError
 from .models import LoadedModel
 
@@ -183,7 +183,7 @@ def load_moments(
                 if f"{key[0]}.{key[1]}" not in h["site_counts"]:
                     continue  # in another layer group's file
                 counts = h["site_counts"][f"{key[0]}.{key[1]}"]
-                site = loaded.device_of(loaded.arch.writers(*key)[0])  # as calibrate keeps them: at the writer
+                site = site_device(loaded, key)  # as calibrate keeps them
 
                 def get(part: str, key: SiteKey = key, site: torch.device = site) -> torch.Tensor:
                     return f.get_tensor(_name(key, part)).to(site)

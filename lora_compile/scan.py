@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .calibrate import Calibration, SiteKey, calibrate, project_inputs, site_dim
+from .calibrate import Calibration, SiteKey, calibrate, project_inputs, site_device, site_dim
 from .corpus import Sample
 from .devices import device_memory_bytes
 from .errors import LoraCompileError
@@ -65,7 +65,7 @@ def plan_layer_groups(
     if group_layers is not None:
         return [layers[i : i + group_layers] for i in range(0, len(layers), group_layers)]
     per_layer = moments_bytes_by_layer(loaded, keys)
-    device = {k[1]: loaded.device_of(loaded.arch.writers(*k)[0]) for k in keys}
+    device = {k[1]: site_device(loaded, k) for k in keys}
     largest_gram = max(site_moments_bytes(loaded, k) for k in keys) // 2
     budget = {
         d: MOMENTS_MEMORY_SHARE * (device_memory_bytes(d) if free_bytes is None else free_bytes) - 3 * largest_gram
