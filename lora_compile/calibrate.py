@@ -775,9 +775,14 @@ def _eager_attention(loaded: LoadedModel):
         config._attn_implementation = before
 
 
+def work_dtype(device: torch.device) -> torch.dtype:
+    """The precision sums are formed in on ``device``: float64 on the CPU, float32 on a GPU (``_batch_gram``)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
 def work_precision(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the precision sums are formed in where it is: float64 on the CPU, float32 on a GPU (``_batch_gram``)."""
-    return x.to(torch.float64 if x.device.type == "cpu" else torch.float32)
+    """``x`` in its device's ``work_dtype``."""
+    return x.to(work_dtype(x.device))
 
 
 def add_gram_(gram: torch.Tensor, x: torch.Tensor) -> None:

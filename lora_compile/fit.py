@@ -193,12 +193,15 @@ class ValueRoute:
     heads); ``per_head[:, h] = W_o^h B^g(h)``, what head h adds to the site per unit of
     ``a·z^h`` (their sum is ``W_o R B``); ``rest``: the part no value-projection LoRA can
     reach (orthogonal to the span of ``W_o R``), left to the writer's own LoRA.
+    ``moment_root``: ``root`` with ``rootᵀ root = per_headᵀ per_head``, formed once with the
+    split (``add_value_route_moments``).
     """
 
     values_b: torch.Tensor  # [kv · head_dim] float64
     per_head: torch.Tensor  # [d, H] float64
     rest: torch.Tensor  # [d] float64
     head_values: torch.Tensor  # [H, head_dim] float64: values_b as each query head sees it
+    moment_root: torch.Tensor  # [H, H] float64
 
     def writer_input_shift(self, za: torch.Tensor) -> torch.Tensor:
         """What the value LoRA ``B·(a·x)`` adds to the writer's input, [N, H·head_dim] for ``za = a·z`` [N, H].
@@ -208,9 +211,10 @@ class ValueRoute:
         """
         return (za[:, :, None] * self.head_values.to(za)[None]).reshape(za.shape[0], -1)
 
-    def to(self, like: torch.Tensor) -> ValueRoute:
-        """This route's tensors on ``like``'s device and in its dtype (the passes' working precision)."""
-        return ValueRoute(*(t.to(like) for t in (self.values_b, self.per_head, self.rest, self.head_values)))
+    def to(self, device: torch.device, dtype: torch.dtype) -> ValueRoute:
+        """This route on ``device`` in ``dtype``: moved once before a pass, not per sequence."""
+        fields = (self.values_b, self.per_head, self.rest, self.head_values, self.moment_root)
+        return ValueRoute(*(t.to(device, dtype) for t in fields))
 
     @property
     def reached(self) -> float:
@@ -230,7 +234,14 @@ def value_route(writer_weight: torch.Tensor, attention_shape: tuple[int, int, in
     b = torch.linalg.lstsq(reach_map, v[:, None], driver="gelsd").solution[:, 0]
     b_heads = b.reshape(kv, head_dim).repeat_interleave(group, 0)  # [H, head_dim]
     per_head = torch.einsum("dhk,hk->dh", per_head_w, b_heads)
-    return ValueRoute(values_b=b, per_head=per_head, rest=v - per_head.sum(1), head_values=b_heads)
+    evals, evecs = torch.linalg.eigh(per_head.T @ per_head)
+    return ValueRoute(
+        values_b=b,
+        per_head=per_head,
+        rest=v - per_head.sum(1),
+        head_values=b_heads,
+        moment_root=evals.clamp_min(0).sqrt()[:, None] * evecs.T,
+    )
 
 
 def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute) -> None:
@@ -241,9 +252,7 @@ def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute
     is 1), so ``squared_error`` and the ridge solve apply unchanged. Scaled by ``1/‖v‖²``,
     the error is the relative error of the added vector's reachable part.
     """
-    k = route.per_head.T @ route.per_head
-    evals, evecs = torch.linalg.eigh(k)
-    root = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # rootᵀ root = K
+    root = route.moment_root.to(z)  # no copy where the route was moved to z's device (``ValueRoute.to``)
     target = root.sum(1)
     # z in its own precision (float32 on a GPU), the sums in float64 where the moments are.
     y = torch.einsum("kh,nhd->nkd", root.to(z), z).reshape(-1, z.shape[-1])

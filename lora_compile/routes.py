@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrate import Moments, SiteKey, stream_attention
+from .calibrate import Moments, SiteKey, stream_attention, work_dtype
 from .emit import Factors, balanced
 from .errors import LoraCompileError
 from .fit import ValueRoute, add_value_route_moments, choose_ridge, fit_ridge, value_route
@@ -120,30 +120,37 @@ def fit_value_route(
     # the moments summed in float64 there, as calibrate's are.
     route = value_route(loaded.module(writer).weight.detach().cpu(), loaded.attention_shape, vector.cpu())
     values_device, writer_device = loaded.device_of(values), loaded.device_of(writer)
+    # The route and the fitted directions go to each pass's device and precision once, not per sequence.
+    at_values = (values_device, work_dtype(values_device))
+    at_writer = (writer_device, work_dtype(writer_device))
     label = f"{key[0]} {key[1]} value route"
 
     value_folds = _two_folds(loaded.in_features(values), values_device)
+    route_at_values = route.to(*at_values)
     for batch, mask, seen in stream_attention(loaded, *key, calibration, f"{label}: values"):
         for row, i in enumerate(batch):
-            add_value_route_moments(value_folds[i % 2], seen.averaged(row, mask), route)
+            add_value_route_moments(value_folds[i % 2], seen.averaged(row, mask), route_at_values)
     a, ridge_values = _solve(value_folds, ridge)
+    a_work = a.to(*at_values)
 
     writer_folds = _two_folds(loaded.in_features(writer), writer_device)
+    route_at_writer = route.to(*at_writer)
     for batch, mask, seen in stream_attention(loaded, *key, calibration, f"{label}: writer"):
         for row, i in enumerate(batch):
             u = seen.writer(row, mask)
-            writer_folds[i % 2].add_(u + route.writer_input_shift(seen.averaged_along(row, mask, a)).to(u))
+            za = seen.averaged_along(row, mask, a_work).to(u)
+            writer_folds[i % 2].add_(u + route_at_writer.writer_input_shift(za))
     b, ridge_writer = _solve(writer_folds, ridge)
+    b_work = b.to(*at_writer)
 
     squares: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for batch, mask, seen in stream_attention(loaded, *key, heldout, f"{label}: held-out"):
         for row, i in enumerate(batch):
-            za = seen.averaged_along(row, mask, a)
-            here = route.to(za)
             u = seen.writer(row, mask)
-            writer_error = (u + here.writer_input_shift(za)) @ b.to(u) - 1
-            error = (za - 1) @ here.per_head.T + writer_error[:, None] * here.rest
+            za = seen.averaged_along(row, mask, a_work).to(u)
+            writer_error = (u + route_at_writer.writer_input_shift(za)) @ b_work - 1
+            error = (za - 1) @ route_at_writer.per_head.T + writer_error[:, None] * route_at_writer.rest
             for domain in (heldout_domains[i], "all"):
                 squares[domain] += float(error.pow(2).sum())
                 counts[domain] += za.shape[0]
