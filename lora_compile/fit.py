@@ -255,7 +255,7 @@ def add_value_route_moments(moments: Moments, z: torch.Tensor, route: ValueRoute
     root = route.moment_root.to(z)  # no copy where the route was moved to z's device (``ValueRoute.to``)
     target = root.sum(1)
     # z in its own precision (float32 on a GPU), the sums in float64 where the moments are.
-    y = torch.einsum("kh,nhd->nkd", root.to(z), z).reshape(-1, z.shape[-1])
+    y = torch.einsum("kh,nhd->nkd", root, z).reshape(-1, z.shape[-1])
     t = target.repeat(z.shape[0]).to(z)
     add_gram_(moments.gram, y)
     moments.total += (y.T @ t).to(torch.float64)

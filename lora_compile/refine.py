@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import _StopForward, encode, padded_batches
@@ -39,7 +38,7 @@ from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
-from .verify import VERIFY_MAX_TOKENS, true_addition
+from .verify import VERIFY_MAX_TOKENS, token_kl, true_addition
 
 INITS = ("closed_form", "standard")
 
@@ -195,18 +194,6 @@ class _Runner:
         return out[batch.mask.bool()]
 
 
-def _kl(target: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-token KL(softmax(target) ‖ softmax(logits)), both logits, computed in ``dtype``.
-
-    Training takes float32 (its gradient ``q − p`` is accurate there); measurements take float64,
-    as ``verify`` does: a KL of 1e-6 is a difference of two entropies of ~5, which float32 rounds
-    by ~1e-6.
-    """
-    logp = F.log_softmax(target.to(dtype), -1)
-    logq = F.log_softmax(logits.to(dtype), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
 @contextmanager
 def _lora(loaded: LoadedModel, writers: list[str], rank: int) -> Iterator[dict[str, tuple[nn.Parameter, nn.Parameter]]]:
     """PEFT LoRA layers (rank ``rank``, scale 1, no dropout) on ``writers``; the base model frozen, restored on exit."""
@@ -313,13 +300,13 @@ def train_lora(
                 with true_addition(loaded, vector, coef):
                     batch.target = runner.logits(batch)
             for batch in val_batches:
-                kl_unsteered += float(_kl(batch.target, runner.logits(batch), torch.float64).sum())
+                kl_unsteered += float(token_kl(batch.target, runner.logits(batch)).sum())
         val_tokens = sum(int(b.mask.sum()) for b in val_batches)
         kl_unsteered = max(kl_unsteered / val_tokens, 1e-30)
 
         def evaluate() -> float:
             with torch.no_grad():
-                total = sum(float(_kl(b.target, runner.logits(b), torch.float64).sum()) for b in val_batches)
+                total = sum(float(token_kl(b.target, runner.logits(b)).sum()) for b in val_batches)
             return total / val_tokens / kl_unsteered
 
         _set(params, initial)
@@ -349,7 +336,7 @@ def train_lora(
                 order = torch.randperm(len(train_batches), generator=generator).tolist()
             batch = train_batches[order.pop()]
             optimiser.zero_grad(set_to_none=True)
-            loss = _kl(batch.target, runner.logits(batch)).mean()
+            loss = token_kl(batch.target, runner.logits(batch), torch.float32).mean()
             loss.backward()
             optimiser.step()
             out_of_time = options.max_seconds is not None and time.perf_counter() - start > options.max_seconds
@@ -412,10 +399,10 @@ def heldout_kl(
             plain = runner.logits(batch)
             with true_addition(loaded, vector, coef):
                 target = runner.logits(batch)
-            kl_u.append(_kl(target, plain, torch.float64).cpu())
+            kl_u.append(token_kl(target, plain).cpu())
             for name, factors in adapters.items():
                 _set(params, factors)
-                kl_a[name].append(_kl(target, runner.logits(batch), torch.float64).cpu())
+                kl_a[name].append(token_kl(target, runner.logits(batch)).cpu())
             for row, i in enumerate(ids_batch):
                 domains += [samples[i].domain] * int(batch.mask[row].sum())
     unsteered = torch.cat(kl_u)

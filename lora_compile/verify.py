@@ -199,9 +199,15 @@ class VerifyReport:
         return asdict(self)
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(p_logits.double(), -1)
-    logq = F.log_softmax(q_logits.double(), -1)
+def token_kl(target: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Per-token KL(softmax(target) ‖ softmax(logits)), both logits, computed in ``dtype``.
+
+    Measurements take float64: a KL of 1e-6 is a difference of two entropies of ~5, which
+    float32 rounds by ~1e-6. Training (``refine``) takes float32: its gradient ``q − p`` is
+    accurate there.
+    """
+    logp = F.log_softmax(target.to(dtype), -1)
+    logq = F.log_softmax(logits.to(dtype), -1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
@@ -277,7 +283,7 @@ def verify(
             if float32_model is not None:
                 with true_addition(float32_model, vector, coef):
                     exact = float32_model.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                kl_floor.append(_kl(exact, steered)[mask.bool()].cpu())
+                kl_floor.append(token_kl(exact, steered)[mask.bool()].cpu())
                 token_prompt.append(torch.tensor(batch)[:, None].expand_as(mask)[mask.bool().cpu()])
             reference.append((plain, steered, exact))
     writers = [w for layer in vector.layers for w in loaded.arch.writers(vector.site, layer)]
@@ -297,9 +303,9 @@ def verify(
                 compiled = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             m = mask.bool()
             if exact is not None:
-                kl_c32.append(_kl(exact, compiled)[m].cpu())
-            kl_c.append(_kl(steered, compiled)[m].cpu())
-            kl_u.append(_kl(steered, plain)[m].cpu())
+                kl_c32.append(token_kl(exact, compiled)[m].cpu())
+            kl_c.append(token_kl(steered, compiled)[m].cpu())
+            kl_u.append(token_kl(steered, plain)[m].cpu())
             top1.append((steered.argmax(-1) == compiled.argmax(-1))[m].cpu())
             for row, i in enumerate(batch):
                 domains += [prompts[i].domain] * int(m[row].sum())

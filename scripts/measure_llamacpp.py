@@ -27,7 +27,7 @@ from lora_compile.engine import LlamaCppModel
 from lora_compile.extract import extract, read_pairs
 from lora_compile.models import embedded_model_path, load_model
 from lora_compile.vectors import SteeringVector
-from lora_compile.verify import VERIFY_MAX_TOKENS, _agreement, _greedy, _kl, true_addition
+from lora_compile.verify import VERIFY_MAX_TOKENS, _agreement, _greedy, token_kl, true_addition
 
 
 def subset(per_domain: int) -> list[corpus.Sample]:
@@ -41,8 +41,8 @@ def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
 
 def compare(reference: list[torch.Tensor], other: list[torch.Tensor], plain: list[torch.Tensor]) -> dict:
     """verify's figures: mean per-token KL(reference ‖ other) over KL(reference ‖ plain), top-1 agreement."""
-    kl_o = torch.cat([_kl(r, o) for r, o in zip(reference, other)])
-    kl_u = torch.cat([_kl(r, u) for r, u in zip(reference, plain)])
+    kl_o = torch.cat([token_kl(r, o) for r, o in zip(reference, other)])
+    kl_u = torch.cat([token_kl(r, u) for r, u in zip(reference, plain)])
     top1 = torch.cat([r.argmax(-1) == o.argmax(-1) for r, o in zip(reference, other)])
     return {
         "kl": float(kl_o.mean()),
@@ -109,7 +109,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     local_plain, _ = local(None)
     cpp_plain, _ = engine()
-    floor = torch.cat([_kl(a, b) for a, b in zip(local_plain, cpp_plain)])
+    floor = torch.cat([token_kl(a, b) for a, b in zip(local_plain, cpp_plain)])
     floor_top1 = torch.cat([a.argmax(-1) == b.argmax(-1) for a, b in zip(local_plain, cpp_plain)])
     rows["engine floor"] = {"kl": float(floor.mean()), "top1": float(floor_top1.float().mean())}
     kl_floor, top1_floor = float(floor.mean()), float(floor_top1.float().mean())

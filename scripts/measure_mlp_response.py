@@ -17,9 +17,9 @@ import torch
 from lora_compile import api, corpus
 from lora_compile.calibrate import encode, padded_batches
 from lora_compile.models import load_model
-from lora_compile.refine import _kl, _Runner
+from lora_compile.refine import _Runner
 from lora_compile.vectors import SteeringVector
-from lora_compile.verify import VERIFY_MAX_TOKENS, true_addition
+from lora_compile.verify import VERIFY_MAX_TOKENS, token_kl, true_addition
 
 
 def main() -> None:
@@ -44,8 +44,8 @@ def main() -> None:
                     target = runner.logits(batch)
                 with true_addition(loaded, mid, args.coef):
                     before_mlp = runner.logits(batch)
-                unsteered.append(_kl(target, plain, torch.float64))
-                stand_in.append(_kl(target, before_mlp, torch.float64))
+                unsteered.append(token_kl(target, plain))
+                stand_in.append(token_kl(target, before_mlp))
         ratio = float(torch.cat(stand_in).mean() / torch.cat(unsteered).mean())
         print(f"{layer:5d}  {ratio:.3g}", flush=True)
 

@@ -12,6 +12,7 @@ to reach the closed form's and the refinement's validation KL ratio.
 
     python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10|all] [--coef 4] [--train]
         [--route auto] [--rank 1] [--json FILE]
+    python scripts/measure_refine.py --json FILE --table     # the table of FILE's sites, nothing run
 """
 
 from __future__ import annotations
@@ -52,15 +53,21 @@ def _row(result: dict) -> str:
     refine = result["refine"]
     adapters = refine["heldout"]["adapters"]
     before, closed, after = _kl_ratios(result)
-    domains = " · ".join(
-        f"{d} {_fmt(adapters['closed_form']['per_domain'][d])} → {_fmt(adapters[refine['kept']]['per_domain'][d])}"
-        for d in adapters["closed_form"]["per_domain"]
-    )
+    per_domain = adapters[refine["kept"]]["per_domain"]
+    worst = max(per_domain, key=per_domain.get)
     return (
         f"| {result['site']} {result['layer']} | {_fmt(before)} | {_fmt(closed)} ({result.get('route', 'writer')}) "
-        f"| {_fmt(adapters['refined']['kl_ratio'])} | {refine['kept'].replace('_', ' ')} | {refine['best_step']}/"
-        f"{refine['steps']} | {refine['seconds']:.0f} | {result['compile_seconds']:.0f} | {domains} |"
+        f"| {_fmt(adapters['refined']['kl_ratio'])} | {_fmt(after)} ({refine['kept'].replace('_', ' ')}) "
+        f"| {refine['best_step']}/{refine['steps']} | {refine['seconds']:.0f} | {result['compile_seconds']:.0f} "
+        f"| {worst} {_fmt(per_domain[worst])} |"
     )
+
+
+TABLE_HEADER = (
+    "| site | held-out KL ratio: writer's closed form (before) | closed form kept (route) | refined "
+    "| after (kept) | best step/steps | refine s | compile s | worst domain, after |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _summary(rows: list[dict]) -> None:
@@ -94,7 +101,15 @@ def main() -> None:
     parser.add_argument(
         "--json", type=Path, default=None, help="every number, written after each site; sites already in it are skipped"
     )
+    parser.add_argument("--table", action="store_true", help="print the table of the sites in --json; run nothing")
     args = parser.parse_args()
+    if args.table:
+        if args.json is None or not args.json.exists():
+            raise SystemExit("--table prints the sites of an existing --json FILE: give one")
+        rows = sorted(json.loads(args.json.read_text()), key=lambda r: (r["site"], r["layer"]))
+        print(TABLE_HEADER + "\n" + "\n".join(_row(r) for r in rows))
+        _summary(rows)
+        return
     progress.enable()
     torch.manual_seed(0)
     sites = args.sites.split(",")
@@ -132,11 +147,7 @@ def main() -> None:
             args.json.with_suffix(".tmp").replace(args.json)
     by_key = {(r["site"], r["layer"]): r for r in results}
     rows = [by_key[k] for k in keys if k in by_key]
-    print(
-        "\n| site | held-out KL ratio, writer's closed form (before) | closed form kept (route) | refined "
-        "| kept | best step/steps | refine s | compile s | per domain, closed form → refined |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n" + TABLE_HEADER)
     print("\n".join(_row(r) for r in rows))
     _summary(rows)
 

@@ -25,7 +25,7 @@ from lora_compile.cli import app
 from lora_compile.errors import LoraCompileError
 from lora_compile.models import embedded_model_path
 from lora_compile.vectors import SteeringVector, save_vector
-from lora_compile.verify import VERIFY_MAX_TOKENS, _kl
+from lora_compile.verify import VERIFY_MAX_TOKENS, token_kl
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run scripts/setup_engine.sh")
 try:
@@ -70,7 +70,7 @@ def test_converter_makes_a_gguf_lora_llama_cpp_loads(compiled, smol, heldout_sub
         llm.close()
     plain, steered = runs
     assert steered.shape == plain.shape == (len(ids), smol.model.config.vocab_size)
-    assert float(_kl(torch.from_numpy(plain), torch.from_numpy(steered)).mean()) > 0.05  # it steers
+    assert float(token_kl(torch.from_numpy(plain), torch.from_numpy(steered)).mean()) > 0.05  # it steers
 
 
 @pytest.mark.numeric
@@ -87,8 +87,8 @@ def test_llama_cpp_lora_agrees_with_llama_cpp_control_vector(compiled, smol, hel
         llm = LlamaCppModel(embedded_model_path(), **kwargs)
         runs[name] = [torch.from_numpy(llm.logits(ids)) for ids in token_lists]
         llm.close()
-    kl_c = torch.cat([_kl(c, lo) for c, lo in zip(runs["cvec"], runs["lora"])]).mean()
-    kl_u = torch.cat([_kl(c, p) for c, p in zip(runs["cvec"], runs["plain"])]).mean()
+    kl_c = torch.cat([token_kl(c, lo) for c, lo in zip(runs["cvec"], runs["lora"])]).mean()
+    kl_u = torch.cat([token_kl(c, p) for c, p in zip(runs["cvec"], runs["plain"])]).mean()
     top1 = torch.cat([c.argmax(-1) == lo.argmax(-1) for c, lo in zip(runs["cvec"], runs["lora"])]).float().mean()
     _all_bounds(
         bound,
