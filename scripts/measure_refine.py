@@ -70,6 +70,11 @@ TABLE_HEADER = (
 )
 
 
+def _median(x: torch.Tensor) -> float:
+    """The median, the mean of the two middle values of an even count (``Tensor.median`` takes the lower)."""
+    return float(torch.quantile(x, 0.5))
+
+
 def _summary(rows: list[dict]) -> None:
     """Median before/after over the sites measured, how many reach 0.005, and the worst after/before."""
     if not rows:
@@ -77,14 +82,14 @@ def _summary(rows: list[dict]) -> None:
     before, _, after = (torch.tensor(x, dtype=torch.float64) for x in zip(*(_kl_ratios(r) for r in rows)))
     worst = int(torch.argmax(after / before))
     print(
-        f"\n{len(rows)} site(s): median held-out KL ratio {_fmt(float(before.median()))} (writer's closed form) → "
-        f"{_fmt(float(after.median()))} (kept); sites ≤ 0.005: {int((before <= 0.005).sum())} → "
+        f"\n{len(rows)} site(s): median held-out KL ratio {_fmt(_median(before))} (writer's closed form) → "
+        f"{_fmt(_median(after))} (kept); sites ≤ 0.005: {int((before <= 0.005).sum())} → "
         f"{int((after <= 0.005).sum())}; "
         f"largest after/before {float(after[worst] / before[worst]):.3g} ({rows[worst]['site']} {rows[worst]['layer']})"
     )
     for site in sorted({r["site"] for r in rows}):
         sub = [i for i, r in enumerate(rows) if r["site"] == site]
-        print(f"  {site}: median {_fmt(float(before[sub].median()))} → {_fmt(float(after[sub].median()))}")
+        print(f"  {site}: median {_fmt(_median(before[sub]))} → {_fmt(_median(after[sub]))}")
 
 
 def main() -> None:
