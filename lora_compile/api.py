@@ -52,7 +52,7 @@ from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .momentsfile import group_paths, load_moments, model_fingerprint, read_header, save_moments
 from .outputs import atomic_outputs, check_writable
 from .refine import RefineOptions, heldout_kl, train_lora
-from .routes import ValueRouteFit, check_route, fit_value_route, value_route_modules
+from .routes import ValueRouteFit, check_route, fit_value_route, next_layer_steering, value_route_modules
 from .scan import (
     add_value_routes,
     memory_plan,
@@ -424,12 +424,17 @@ class CompileResult:
     merged_dir: Path | None = None
 
 
+def _steered_layers(report: dict) -> list[int]:
+    """The layers of ``report['site']`` an adapter steers (the next-layer route's LoRAs sit one layer deeper)."""
+    return [report["next_layer"]["layer"]] if report.get("next_layer") else [x["layer"] for x in report["layers"]]
+
+
 def _model_card(report: dict) -> str:
     lines = [
         "# Steering adapter compiled by lora_compile",
         "",
         f"Base model: `{report['base_model']}`. A rank-1 LoRA that adds a steering vector at "
-        f"`{report['site']}` of layer(s) {', '.join(str(x['layer']) for x in report['layers'])}, "
+        f"`{report['site']}` of layer(s) {', '.join(str(layer) for layer in _steered_layers(report))}, "
         "in place of activation addition, for servers that run only LoRA adapters.",
         "",
         "| layer | writer | held-out RMS of b·x − 1 | max | first token | ‖coef·s‖ |",
@@ -449,10 +454,24 @@ def _model_card(report: dict) -> str:
     refined = report.get("refine")
     if refined:
         adapters = refined["heldout"]["adapters"]
+        if refined.get("settled"):
+            how += (
+                f" Not refined: the closed form's KL ratio on a split of the calibration text, "
+                f"{refined['kl_ratio_initial']:.3g}, was already below {refined['options']['settled_below']:.3g}; "
+                f"held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g}."
+            )
+        else:
+            how += (
+                f" Refined by gradient descent on KL(true addition ‖ adapter) ({refined['steps']} steps; kept the "
+                f"{refined['kept'].replace('_', ' ')}): held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g} "
+                f"(closed form) → {adapters['refined']['kl_ratio']:.3g}; the fit-error columns are the closed form's."
+            )
+    if report.get("next_layer"):
+        n = report["next_layer"]
         how += (
-            f" Refined by gradient descent on KL(true addition ‖ adapter) ({refined['steps']} steps; kept the "
-            f"{refined['kept'].replace('_', ' ')}): held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g} "
-            f"(closed form) → {adapters['refined']['kl_ratio']:.3g}; the fit-error columns are the closed form's."
+            f" Next-layer route: the LoRAs write `{n['writes'][0]}` of layer {n['writes'][1]}, adding the vector plus "
+            f"the mean response of that layer's attention to it (the table's errors are against that sum); held-out "
+            f"KL ratio against true `{report['site']}` {n['layer']} steering: {n['heldout']['kl_ratio']:.3g}."
         )
     lines += [
         "",
@@ -526,7 +545,11 @@ def compile_adapter(
     rank-1 LoRA on the value projection, the writer's LoRA carrying the rest); ``"auto"`` keeps the
     value route at each layer where its held-out error is below the writer's alone. Each layer's
     report has ``route`` and ``value_route`` (both routes' held-out errors). Three more passes
-    per layer; not with a sequential multi-layer compile.
+    per layer; not with a sequential multi-layer compile. ``"next_layer"`` (``resid_post L``, one
+    layer): the adapter writes ``resid_mid L+1`` instead (``routes.next_layer_steering``: the vector
+    plus layer L+1's attention's mean response to it, compiled there with ``"auto"``); the report's
+    ``next_layer`` has the held-out KL ratio against true ``resid_post L`` steering, which is also
+    what refinement minimises and what ``verify`` compares with.
     """
     check_writable(out_dir, force)
     check_route(route)
@@ -592,8 +615,6 @@ def _compile(
     reason = loaded.arch.approximate_reason(steering.site)
     if reason is not None and not approximate:
         raise LoraCompileError(f"{reason}: pass --approximate to compile it anyway and measure it with verify")
-    keys = [(steering.site, layer) for layer in steering.layers]
-    vectors = {k: coef * steering.directions[k[1]] for k in keys}
     lambdas: dict = {}
     samples_cache: list = []
 
@@ -601,6 +622,15 @@ def _compile(
         if not samples_cache:
             samples_cache.append(calibration_samples(loaded, texts, self_generated, seed))
         return samples_cache[0]
+
+    # What the adapter must imitate: refinement and held-out KL are measured against it. The
+    # next-layer route compiles another vector (resid_mid L+1) standing in for it.
+    reference, next_layer = steering, None
+    if route == "next_layer":
+        steering, next_layer = next_layer_steering(loaded, steering, coef, encode(loaded, samples()))
+        route = "auto"
+    keys = [(steering.site, layer) for layer in steering.layers]
+    vectors = {k: coef * steering.directions[k[1]] for k in keys}
 
     # Behind a post-writer norm the LoRA adds (a·x)·β with x = h/rms(y): β is chosen so the norm
     # turns rms(y)·β into ≈ s (fit.fit_post_norm_vector), on the unsteered model's writer outputs.
@@ -689,8 +719,23 @@ def _compile(
         # Where the value route was kept, the writer's LoRA alone is measured too: what the route bought.
         writer_only = {"writer_only": writer_factors(loaded, steered)} if value_factors else {}
         factors, refined = _refine(
-            loaded, steering, coef, closed, samples(), heldout_samples, refine_options, writer_only
+            loaded, reference, coef, closed, samples(), heldout_samples, refine_options, writer_only
         )
+    if next_layer is not None:
+        # Its fit errors are against its own stand-in vector: the route is judged by held-out KL
+        # against the resid_post addition it stands in for (measured by the refinement already).
+        measured = (
+            refined["heldout"]
+            if refined
+            else heldout_kl(
+                loaded,
+                reference,
+                heldout_samples,
+                {"closed_form": factors or writer_factors(loaded, steered)},
+                coef=coef,
+            )
+        )
+        next_layer["heldout"] = measured["adapters"]["closed_form"]
     tensors = adapter_tensors(loaded, steered, prof, dtype, factors=factors)
     predicted_error = max(_kept_error(x) for x in layer_reports)
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
@@ -702,7 +747,7 @@ def _compile(
         "target": prof.name,
         "dtype": dtype or prof.default_dtype,
         "warnings": warnings,
-        "site": steering.site,
+        "site": reference.site,
         "coef": coef,
         "direction": direction,
         "sequential": sequential,
@@ -717,8 +762,10 @@ def _compile(
         },
         "heldout_domains": sorted({s.domain for s in heldout_samples}),
         "predicted_delta_rel_error": predicted_error,
-        "predicted_kl_ratio": 0.0 if exact else predicted_kl_ratio(predicted_error),
+        # The next-layer route's error is not the stand-in's fit error: its KL is measured instead.
+        "predicted_kl_ratio": 0.0 if exact else None if next_layer else predicted_kl_ratio(predicted_error),
         "layers": layer_reports,
+        "next_layer": next_layer,
         "vector_metadata": steering.metadata,
         "rank": config["r"],
         "target_modules": targets,
@@ -786,8 +833,9 @@ def _refine(
     kept = "refined" if result.best_step > 0 else "closed_form"
     factors = balanced(result.factors) if kept == "refined" else closed
     start = time.perf_counter()
-    measured = {**baselines, "closed_form": closed, "refined": factors}
+    measured = {**baselines, "closed_form": closed} | ({"refined": factors} if kept == "refined" else {})
     heldout = heldout_kl(loaded, steering, heldout_samples, measured, coef=coef)
+    heldout["adapters"].setdefault("refined", heldout["adapters"]["closed_form"])  # kept: the same factors
     report = {
         **result.to_dict(),
         "kept": kept,
@@ -882,9 +930,8 @@ def _adapter_steering(adapter_dir: str | Path | None, steering: SteeringVector, 
         report_path = Path(adapter_dir) / REPORT
         if report_path.is_file():
             report = json.loads(report_path.read_text())
-            steering = SteeringVector(
-                steering.select([x["layer"] for x in report["layers"]]).directions, report["site"], steering.metadata
-            )
+            layers = _steered_layers(report)
+            steering = SteeringVector(steering.select(layers).directions, report["site"], steering.metadata)
             coef = report["coef"] if coef is None else coef
     return steering, 1.0 if coef is None else coef
 

@@ -264,8 +264,10 @@ def compile_cmd(
     route: Annotated[
         str,
         typer.Option(
-            help="resid_mid only: 'writer' (o_proj alone), 'both' (add a rank-1 LoRA on v_proj: attention "
-            "averages its input, the rest stays on o_proj), 'auto' (both where it wins on held-out text).",
+            help="resid_mid: 'writer' (o_proj alone), 'both' (add a rank-1 LoRA on v_proj: attention "
+            "averages its input, the rest stays on o_proj), 'auto' (both where it wins on held-out text). "
+            "resid_post L: 'next_layer' writes it through layer L+1's attention (o_proj, v_proj there) as the "
+            "vector plus that attention's mean response to it; judged by held-out KL.",
         ),
     ] = "writer",
     refine: Annotated[

@@ -13,8 +13,8 @@ from .verify import VerifyReport
 out = Console(width=None if sys.stdout.isatty() else 130)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
 
 
 def scan_table(result: dict, top: int = 3) -> Table:
@@ -108,10 +108,13 @@ def verify_table(report: VerifyReport) -> Table:
 
 def print_verify(report: VerifyReport) -> None:
     out.print(verify_table(report))
-    out.print(
-        f"added-vector relative error per token: rms {_fmt(report.delta_rel_error)} "
-        f"(first token {_fmt(report.delta_rel_error_first)})"
-    )
+    if report.delta_rel_error is None:
+        out.print("added-vector error: not measured (the adapter has no LoRA on the site's writers: judged by KL)")
+    else:
+        out.print(
+            f"added-vector relative error per token: rms {_fmt(report.delta_rel_error)} "
+            f"(first token {_fmt(report.delta_rel_error_first)})"
+        )
     if report.kl_dtype_floor is not None:
         out.print(
             f"against true addition in float32: KL {_fmt(report.kl_compiled_vs_float32)} compiled in {report.dtype}, "
@@ -147,6 +150,13 @@ def print_refine(refine: dict) -> None:
         table.add_row(domain, *(_fmt(adapters[k]["per_domain"][domain]) for k in names))
     table.add_row("all", *(_fmt(adapters[k]["kl_ratio"]) for k in names), style="bold")
     out.print(table)
+    if refine.get("settled"):
+        out.print(
+            f"refinement: none needed: the closed form's KL ratio on {refine['val_tokens']} calibration tokens "
+            f"held back, {_fmt(refine['kl_ratio_initial'])}, is at or below {refine['options']['settled_below']:g} "
+            f"(kept the closed form; {refine['seconds']:.0f} s, held-out measure {refine['heldout_seconds']:.0f} s)"
+        )
+        return
     out.print(
         f"refinement: {refine['steps']} steps in {refine['seconds']:.0f} s (best at step {refine['best_step']}, "
         f"{refine['train_tokens']} calibration tokens, {refine['val_tokens']} held back to stop on: KL ratio "
@@ -173,7 +183,15 @@ def print_compile(report: dict) -> None:
             f"{worst} {_fmt(domains[worst])}",
         )
     out.print(table)
-    if not report.get("exact"):
+    if report.get("next_layer"):
+        n = report["next_layer"]
+        out.print(
+            f"next-layer route: resid_post {n['layer']} written at {n['writes'][0]} {n['writes'][1]} as v + mean Δ "
+            f"(|coef·v| {_fmt(n['vector_norm'])}, |mean Δ| {_fmt(n['mean_response_norm'])}: layer {n['writes'][1]}'s "
+            f"attention response); held-out KL ratio against true resid_post {n['layer']} steering "
+            f"{_fmt(n['heldout']['kl_ratio'])} (the fit errors above are against v + mean Δ)"
+        )
+    elif not report.get("exact"):
         out.print(
             f"predicted held-out KL ratio ≈ {_fmt(report['predicted_kl_ratio'])} (from the error; verify measures it)"
         )

@@ -61,6 +61,11 @@ class RefineOptions:
     lr_scale: float = 0.003  # 0.02 overshot at resid_mid 10 (README "Refinement")
     rank: int = 1  # extra rank beyond the closed form's 1 starts as A random, B = 0 (adds nothing)
     seed: int = 0
+    # A closed form whose validation KL ratio is already at or below this is kept without a step:
+    # on the embedded model no step improved on one this close (resid_mid with the value route:
+    # 0 improving steps of 16 at every layer), and each try cost 1-2 minutes on 2 cores.
+    # None: always refine.
+    settled_below: float | None = 1e-3
     # Stop (after an evaluation) once this many seconds have passed: a wall-clock budget for
     # comparisons (scripts/bench.py); None, as compile uses it: the steps alone, deterministic.
     max_seconds: float | None = None
@@ -71,6 +76,8 @@ class RefineOptions:
                 raise LoraCompileError(f"refinement {name} must be at least 1, got {getattr(self, name)}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise LoraCompileError(f"refinement time budget must be positive, got {self.max_seconds}")
+        if self.settled_below is not None and not (math.isfinite(self.settled_below) and self.settled_below >= 0):
+            raise LoraCompileError(f"refinement's settled ratio must be a number ≥ 0, got {self.settled_below}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise LoraCompileError(f"refinement learning rate must be a positive number, got {self.lr}")
 
@@ -89,6 +96,7 @@ class TrainResult:
     train_tokens: int
     val_tokens: int
     history: list[dict] = field(default_factory=list)  # per evaluation: step, seconds, kl_ratio
+    settled: bool = False  # the closed form was already at or below ``settled_below``: no step taken
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -294,11 +302,17 @@ def train_lora(
     val_batches = runner.prepare(encode(loaded, val, options.max_tokens), options.batch_samples, options.max_tokens)
     kl_unsteered = 0.0
     with _lora(loaded, writers, rank) as params:
-        _set(params, None)
+
+        def add_targets(batches: list[_Batch]) -> None:
+            """Each batch's true-addition logits; leaves the LoRA layers adding nothing."""
+            _set(params, None)
+            with torch.no_grad():
+                for batch in batches:
+                    with true_addition(loaded, vector, coef):
+                        batch.target = runner.logits(batch)
+
+        add_targets(val_batches)
         with torch.no_grad():
-            for batch in train_batches + val_batches:
-                with true_addition(loaded, vector, coef):
-                    batch.target = runner.logits(batch)
             for batch in val_batches:
                 kl_unsteered += float(token_kl(batch.target, runner.logits(batch)).sum())
         val_tokens = sum(int(b.mask.sum()) for b in val_batches)
@@ -330,8 +344,13 @@ def train_lora(
         best_ratio, best_step, best = ratio0, 0, snapshot()
         order: list[int] = []
         stale, step = 0, 0
+        settled = init == "closed_form" and options.settled_below is not None and ratio0 <= options.settled_below
+        budget = 0 if settled else options.steps
+        if budget:  # the training tokens' targets only where there is training to do
+            add_targets(train_batches)
+            _set(params, initial)
         label = description or ("refining" if init == "closed_form" else "training from standard init")
-        for step in track(range(1, options.steps + 1), label, total=options.steps):
+        for step in track(range(1, budget + 1), label, total=budget):
             if not order:
                 order = torch.randperm(len(train_batches), generator=generator).tolist()
             batch = train_batches[order.pop()]
@@ -361,6 +380,7 @@ def train_lora(
         train_tokens=sum(int(b.mask.sum()) for b in train_batches),
         val_tokens=val_tokens,
         history=history,
+        settled=settled,
     )
 
 

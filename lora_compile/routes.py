@@ -11,25 +11,38 @@ will see it: shifted by the value LoRA's own output (a direction constant by con
 Three passes, each stopped after the site's layer, with eager attention (the weights are needed):
 the value LoRA's moments, the shifted writer inputs' moments (they depend on ``a``), and the
 held-out error of the two LoRAs together, which decides where the route is kept.
+
+The next-layer route into ``resid_post L`` (``next_layer_steering``): adding ``v`` there is adding
+it to the stream entering layer L+1, so ``resid_mid L+1`` gains ``v`` plus that layer's attention's
+response ``Δ_i`` to it. No module of layer L but ``down_proj`` writes after the MLP, whose input
+has no direction as constant as attention's; a LoRA writing ``resid_mid L+1`` (``o_proj`` of
+layer L+1, with the value route where it wins) can add the best constant, ``v + mean Δ`` (over the
+calibration tokens). What it leaves is the token-to-token variation of ``Δ``: the route is judged
+by held-out KL against true ``resid_post L`` steering, never by its own fit error.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from .calibrate import Moments, SiteKey, stream_attention, work_dtype
+from .calibrate import BATCH_TOKENS, Moments, SiteKey, _StopForward, padded_batches, stream_attention, work_dtype
 from .emit import Factors, balanced
 from .errors import LoraCompileError
 from .fit import ValueRoute, add_value_route_moments, choose_ridge, fit_ridge, value_route
 from .models import LoadedModel
+from .progress import track
+from .vectors import SteeringVector
+from .verify import true_addition
 
 # writer: the writer's LoRA alone; both: value route plus the writer for the rest;
-# auto: both where its held-out error is below the writer's alone.
-ROUTES = ("writer", "both", "auto")
+# auto: both where its held-out error is below the writer's alone; next_layer (resid_post L only):
+# through layer L+1's attention writer, with the value route there where it wins.
+ROUTES = ("writer", "both", "auto", "next_layer")
 
 
 def check_route(route: str) -> str:
@@ -167,3 +180,89 @@ def fit_value_route(
         heldout_error=errors,
         tokens=counts["all"],
     )
+
+
+def next_layer_site(loaded: LoadedModel, key: SiteKey) -> SiteKey:
+    """``resid_mid L+1``, where the next-layer route writes ``resid_post L``; a one-line error where it cannot."""
+    site, layer = key
+    if site != "resid_post":
+        raise LoraCompileError(
+            f"--route next_layer writes resid_post L through layer L+1's attention, not {site}: "
+            "use --route writer, both or auto there"
+        )
+    if layer + 1 >= loaded.num_layers:
+        raise LoraCompileError(
+            f"resid_post {layer} is the last layer's output: there is no layer {layer + 1} to write it through; "
+            "use --route writer"
+        )
+    target = ("resid_mid", layer + 1)
+    try:
+        loaded.arch.writers(*target)
+        reason = loaded.arch.approximate_reason(target[0])
+    except LoraCompileError as err:
+        raise LoraCompileError(f"--route next_layer needs resid_mid {layer + 1}: {err}; use --route writer") from None
+    if reason is not None:
+        raise LoraCompileError(f"--route next_layer needs an exact resid_mid {layer + 1}: {reason}; use --route writer")
+    return target
+
+
+def mean_attention_response(
+    loaded: LoadedModel, key: SiteKey, vector: torch.Tensor, token_lists: list[list[int]]
+) -> torch.Tensor:
+    """Mean over tokens of what layer L+1's attention output changes by when ``vector`` (coef included)
+    is added at ``resid_post L`` (``key``): one unsteered and one steered run per batch, each stopped
+    at that output. float64, on the CPU."""
+    site, layer = key
+    writes = loaded.arch.hook_module(*next_layer_site(loaded, key))
+    adding = SteeringVector({layer: vector}, site)
+    seen: list[torch.Tensor] = []
+
+    def keep(_module, _args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output).detach())
+        raise _StopForward
+
+    device = loaded.device_of(writes)
+    total, count = torch.zeros(loaded.hidden_size, dtype=torch.float64, device=device), 0
+    batches = list(padded_batches(token_lists, loaded.tokenizer.pad_token_id, BATCH_TOKENS))
+    handle = loaded.module(writes).register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            for _, ids, mask in track(batches, f"resid_post {layer}: layer {layer + 1}'s attention response"):
+                seen.clear()
+                for steered in (False, True):
+                    with true_addition(loaded, adding) if steered else nullcontext():
+                        try:
+                            loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                         use_cache=False)  # fmt: skip
+                        except _StopForward:
+                            pass
+                change = (seen[1].to(torch.float64) - seen[0].to(torch.float64))[mask.bool().to(device)]
+                total, count = total + change.sum(0), count + change.shape[0]
+    finally:
+        handle.remove()
+    return (total / max(count, 1)).cpu()
+
+
+def next_layer_steering(
+    loaded: LoadedModel, steering: SteeringVector, coef: float, token_lists: list[list[int]]
+) -> tuple[SteeringVector, dict]:
+    """The ``resid_mid L+1`` vector whose addition stands in for ``coef·v`` at ``resid_post L``, and the
+    report's ``next_layer``: ``v + mean Δ / coef`` (compiled at ``coef``, the adapter adds ``coef·v + mean Δ``)."""
+    if len(steering.layers) != 1:
+        raise LoraCompileError(
+            f"--route next_layer compiles one layer at a time, got {len(steering.layers)}: pass --layers L"
+        )
+    (layer,) = steering.layers
+    site, target = (steering.site, layer), next_layer_site(loaded, (steering.site, layer))
+    v = steering.directions[layer].to(torch.float64)
+    response = mean_attention_response(loaded, site, coef * v, token_lists) if coef else torch.zeros_like(v)
+    direction = v + response / coef if coef else v
+    report = {
+        "layer": layer,
+        "writes": list(target),
+        "vector_norm": float(abs(coef) * v.norm()),
+        "mean_response_norm": float(response.norm()),
+    }
+    return SteeringVector(
+        {target[1]: direction.to(steering.directions[layer].dtype)}, target[0], steering.metadata
+    ), report

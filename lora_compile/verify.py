@@ -178,9 +178,10 @@ class VerifyReport:
     kl_ratio: float
     top1_agreement: float  # argmax(true) == argmax(compiled)
     # RMS over tokens of ‖Δ − coef·s‖ / ‖coef·s‖, positions ≥ 1; Δ: what the LoRA adds to the stream
-    # (behind a post-writer norm: what reaches the stream through the norm)
-    delta_rel_error: float
-    delta_rel_error_first: float  # the same at position 0
+    # (behind a post-writer norm: what reaches the stream through the norm). None: the adapter has
+    # no LoRA on the site's writers (the next-layer route), nothing to compare.
+    delta_rel_error: float | None
+    delta_rel_error_first: float | None  # the same at position 0
     tokens: int
     dtype: str = "float32"  # what the base model, the adapter and the reference ran in
     # Below a float32 dtype, rounding alone makes two runs of the same steering differ (DESIGN §2's
@@ -297,6 +298,9 @@ def verify(
     gens: list[dict] = []
     with peft_adapter(loaded, adapter_dir) as peft_model, torch.no_grad():
         routed = _value_routed(loaded, peft_model, vector)
+        # The delta is compared with the vector only at the site's writers; an adapter with no LoRA
+        # there (the next-layer route: its LoRAs write layer L+1) is judged by its KL alone.
+        writers = [w for w in writers if _has_lora(peft_model, w)]
         for (batch, ids, mask), (plain, steered, exact) in zip(track(batches, "adapter runs"), reference):
             ids, mask = ids.to(loaded.device), mask.to(loaded.device)
             with _lora_deltas(peft_model, writers, norms, routed) as deltas:
@@ -311,6 +315,8 @@ def verify(
                 domains += [prompts[i].domain] * int(m[row].sum())
             position = torch.arange(m.shape[1], device=m.device).expand_as(m)
             for layer in vector.layers:
+                if not any(w in deltas for w in loaded.arch.writers(vector.site, layer)):
+                    continue
                 # [B, T, d] (OPT's MLP writers see the tokens flattened to [B·T, d]), on the layer's device
                 added = sum(deltas[w].double().reshape(*m.shape, -1) for w in loaded.arch.writers(vector.site, layer))
                 target = (coef * vector.directions[layer]).to(added.device, torch.float64)
@@ -366,8 +372,8 @@ def verify(
         kl_unsteered=float(kl_u_all.mean()),
         kl_ratio=float(kl_c_all.mean() / kl_u_all.mean().clamp_min(1e-30)),
         top1_agreement=float(top1_all.float().mean()),
-        delta_rel_error=rms(torch.cat(rel)),
-        delta_rel_error_first=rms(torch.cat(rel_first)),
+        delta_rel_error=rms(torch.cat(rel)) if rel else None,
+        delta_rel_error_first=rms(torch.cat(rel_first)) if rel else None,
         tokens=int(kl_c_all.numel()),
         prompts=len(prompts),
         dtype=str(loaded.dtype).removeprefix("torch."),

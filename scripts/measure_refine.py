@@ -2,16 +2,17 @@
 
 The happy/sad vector (extracted on the shipped pairs at every layer's ``resid_post``, as the demo
 does) is compiled at each chosen site with ``--refine``, coefficient 4 (``--route`` applies at
-``resid_mid``); the compile report's held-out KL ratios (shipped held-out set: before = the
-writer's closed form, the closed form kept by the route, after = what was kept) are printed per
-site with the refinement's steps and time, then medians over the sites (``--layers all``: every
-layer; with ``--json`` a long run resumes where it stopped). With ``--train``, the first site is also
-trained from PEFT's standard LoRA init (A kaiming-uniform, B = 0) on the same calibration tokens,
-validation split and step budget (``refine.train_lora``), and the table gives the time each takes
-to reach the closed form's and the refinement's validation KL ratio.
+``resid_mid``, ``--post-route`` at ``resid_post``); the compile report's held-out KL ratios
+(shipped held-out set: before = the writer's closed form, the closed form kept by the route,
+after = what was kept) are printed per site with the refinement's steps and time, then medians
+over the sites (``--layers all``: every layer; with ``--json`` a long run resumes where it
+stopped). With ``--train``, the first site is also trained from PEFT's standard LoRA init (A
+kaiming-uniform, B = 0) on the same calibration tokens, validation split and step budget
+(``refine.train_lora``), and the table gives the time each takes to reach the closed form's and
+the refinement's validation KL ratio.
 
     python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10|all] [--coef 4] [--train]
-        [--route auto] [--rank 1] [--json FILE]
+        [--route auto] [--post-route next_layer] [--rank 1] [--json FILE]
     python scripts/measure_refine.py --json FILE --table     # the table of FILE's sites, nothing run
 """
 
@@ -102,7 +103,12 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also train the first site from PEFT's standard init")
     parser.add_argument("--train-lr", type=float, default=None, help="Adam's lr for the standard init (default 1e-3)")
     parser.add_argument("--rank", type=int, default=1, help="the refined adapter's rank")
-    parser.add_argument("--route", default="writer", help="compile's --route (auto: the value route where it wins)")
+    parser.add_argument(
+        "--route", default="writer", help="compile's --route at resid_mid (auto: the value route where it wins)"
+    )
+    parser.add_argument(
+        "--post-route", default="writer", help="compile's --route at resid_post (next_layer: through layer L+1)"
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="every number, written after each site; sites already in it are skipped"
     )
@@ -139,7 +145,7 @@ def main() -> None:
             start = time.perf_counter()
             result = api.compile_adapter(
                 at_site, Path(tmp) / "a", loaded, coef=args.coef, calibration=calibration, refine=True,
-                refine_options=options, route=args.route if site == "resid_mid" else "writer",
+                refine_options=options, route=args.route if site == "resid_mid" else args.post_route,
             )  # fmt: skip
             total = time.perf_counter() - start
         results.append(

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from lora_compile import api, corpus
 from lora_compile.calibrate import encode
 from lora_compile.cli import app
+from lora_compile.display import print_refine
 from lora_compile.errors import LoraCompileError
 from lora_compile.refine import RefineOptions, _Batch, _Runner, train_lora
 from lora_compile.targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROFILES
@@ -86,6 +87,27 @@ def test_closed_form_is_kept_where_refinement_does_not_help(tiny, tmp_path):
     assert result.report["refine"]["kept"] == "closed_form" and result.report["refine"]["best_step"] == 0
     api.compile_adapter(vector, tmp_path / "c", tiny, coef=1.0, heldout=HELDOUT)
     assert (tmp_path / "r" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "c" / ADAPTER_WEIGHTS).read_bytes()
+
+
+def test_a_settled_closed_form_is_kept_without_a_step(tiny, tmp_path, capsys):
+    # Any closed form is "settled" below a huge ratio: no training targets, no step, the closed form's bytes.
+    vector = _vector(tiny)
+    settled = dataclasses.replace(FAST, settled_below=1e9)
+    result = _compile(tiny, tmp_path / "s", vector, refine_options=settled)
+    refine = result.report["refine"]
+    assert refine["settled"] and refine["steps"] == 0 and refine["kept"] == "closed_form"
+    assert [h["step"] for h in refine["history"]] == [0]
+    adapters = refine["heldout"]["adapters"]
+    assert adapters["refined"] == adapters["closed_form"]
+    api.compile_adapter(vector, tmp_path / "c", tiny, coef=1.0, heldout=HELDOUT)
+    assert (tmp_path / "s" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "c" / ADAPTER_WEIGHTS).read_bytes()
+    assert "Not refined" in (tmp_path / "s" / "README.md").read_text()
+    print_refine(refine)
+    assert "none needed" in capsys.readouterr().out
+    assert not _compile(tiny, tmp_path / "r", vector).report["refine"]["settled"]  # the tiny model's is far off
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(LoraCompileError, match="settled ratio"):
+            dataclasses.replace(FAST, settled_below=bad).check()
 
 
 def test_more_rank_loads_in_peft_and_lints(tiny, tmp_path):
