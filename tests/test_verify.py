@@ -102,6 +102,7 @@ def next_layered(smol, smol_calibration, smol_vector, heldout_subset, tmp_path_f
     return result, verify_adapter(path, vec, smol, prompts=heldout_subset, generations=0)
 
 
+@pytest.mark.kernel_stable  # 0.0061195 and 0.196398 under default and avx2 (README), far from the bounds
 def test_the_next_layer_route_wins_at_resid_post_10(smol, verified, next_layered, bound):
     """Measured on the full held-out set: KL ratio 0.0255 with down_proj, 0.0058 through layer 11."""
     result, report = next_layered
