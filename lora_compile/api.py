@@ -51,8 +51,15 @@ from .merge import adapter_deltas, merged_model, save_merged, write_merged
 from .models import DEFAULT_MODEL_ID, LoadedModel, load_config, load_model
 from .momentsfile import group_paths, load_moments, model_fingerprint, read_header, save_moments
 from .outputs import atomic_outputs, check_writable
-from .refine import RefineOptions, heldout_kl, train_lora
-from .routes import ValueRouteFit, check_route, fit_value_route, next_layer_steering, value_route_modules
+from .refine import RefineOptions, heldout_kl, split_samples, train_lora
+from .routes import (
+    ValueRouteFit,
+    check_route,
+    fit_value_route,
+    next_layer_site,
+    next_layer_steering,
+    value_route_modules,
+)
 from .scan import (
     add_value_routes,
     memory_plan,
@@ -466,6 +473,12 @@ def _model_card(report: dict) -> str:
                 f"{refined['kept'].replace('_', ' ')}): held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g} "
                 f"(closed form) → {adapters['refined']['kl_ratio']:.3g}; the fit-error columns are the closed form's."
             )
+    if report.get("route_choice"):
+        ratios = report["route_choice"]["validation_kl_ratio"]
+        how += (
+            f" Route chosen by KL ratio on a validation split of the calibration text: the writer's LoRA "
+            f"{ratios['writer']:.3g}, the next-layer route {ratios['next_layer']:.3g}."
+        )
     if report.get("next_layer"):
         n = report["next_layer"]
         how += (
@@ -549,7 +562,10 @@ def compile_adapter(
     layer): the adapter writes ``resid_mid L+1`` instead (``routes.next_layer_steering``: the vector
     plus layer L+1's attention's mean response to it, compiled there with ``"auto"``); the report's
     ``next_layer`` has the held-out KL ratio against true ``resid_post L`` steering, which is also
-    what refinement minimises and what ``verify`` compares with.
+    what refinement minimises and what ``verify`` compares with. ``"auto"`` at one ``resid_post``
+    layer with a layer after it compiles both the writer's LoRA and the next-layer route and keeps
+    the one with the lower KL ratio against true steering on the refinement's validation split of
+    the calibration text (the report's ``route_choice``; about twice the compile's time).
     """
     check_writable(out_dir, force)
     check_route(route)
@@ -577,6 +593,21 @@ def compile_adapter(
             dtype=dtype, base_model_id=base_model_id, sequential=sequential, merge_dir=merge_dir, moments=moments,
             approximate=approximate, refine_options=options if refine else None, route=route,
         )  # fmt: skip
+
+
+@dataclass
+class _ClosedForm:
+    """A compile's closed form, before refinement: the fitted sites and the report's account of them."""
+
+    steered: list[SiteWeights]
+    layers: list[dict]  # the report's per-layer entries
+    factors: Factors  # every LoRA's (A, B): the writers', and the value route's where kept
+    writers_only: bool  # no value route kept: ``factors`` are the writers' alone
+    calibration: Calibration
+    files: dict  # the moments files fitted from (the report's calibration entry)
+    direction: str  # the fit method, "exact" for an embedding LoRA
+    sequential: bool
+    exact: bool
 
 
 def _compile(
@@ -615,7 +646,6 @@ def _compile(
     reason = loaded.arch.approximate_reason(steering.site)
     if reason is not None and not approximate:
         raise LoraCompileError(f"{reason}: pass --approximate to compile it anyway and measure it with verify")
-    lambdas: dict = {}
     samples_cache: list = []
 
     def samples() -> list[corpus.Sample]:
@@ -623,14 +653,124 @@ def _compile(
             samples_cache.append(calibration_samples(loaded, texts, self_generated, seed))
         return samples_cache[0]
 
+    heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
+
+    def closed_form(
+        at: SteeringVector, at_route: str, given: Calibration | None, files: MomentsArg
+    ) -> _ClosedForm | None:
+        return _closed_form(
+            loaded, at, coef, at_route, samples, heldout_samples, direction=direction, ridge=ridge,
+            calibration=given, moments=files, sequential=sequential,
+        )  # fmt: skip
+
     # What the adapter must imitate: refinement and held-out KL are measured against it. The
     # next-layer route compiles another vector (resid_mid L+1) standing in for it.
-    reference, next_layer = steering, None
+    reference, next_layer, route_choice = steering, None, None
     if route == "next_layer":
         steering, next_layer = next_layer_steering(loaded, steering, coef, encode(loaded, samples()))
-        route = "auto"
+        form = closed_form(steering, "auto", calibration, moments)
+    elif route == "auto" and _next_layer_possible(loaded, steering):
+        # Both routes into resid_post, on every rank (each calibration is shared under torchrun);
+        # the given calibration or moments files are resid_post's: resid_mid L+1 is calibrated here.
+        stand_in, next_layer = next_layer_steering(loaded, steering, coef, encode(loaded, samples()))
+        form = closed_form(steering, "writer", calibration, moments)
+        other = closed_form(stand_in, "auto", None, None)
+        if form is not None and other is not None:
+            route_choice = _post_route_choice(
+                loaded, reference, coef, samples(), refine_options or RefineOptions(), form.factors, other.factors
+            )
+            if route_choice["kept"] == "next_layer":
+                steering, form = stand_in, other
+            else:
+                next_layer = None
+    else:
+        form = closed_form(steering, route, calibration, moments)
+    if form is None:  # the other torchrun ranks only helped calibrate
+        return CompileResult(Path(out_dir), {})
+
+    factors, refined = form.factors, None
+    if refine_options is not None and form.exact:
+        warnings.append(f"--refine skipped: {steering.site} is exact (an embedding LoRA), there is nothing to refine")
+    elif refine_options is not None:
+        # Where the value route was kept, the writer's LoRA alone is measured too: what the route bought.
+        writer_only = {} if form.writers_only else {"writer_only": writer_factors(loaded, form.steered)}
+        factors, refined = _refine(
+            loaded, reference, coef, form.factors, samples(), heldout_samples, refine_options, writer_only
+        )
+    if next_layer is not None:
+        # Its fit errors are against its own stand-in vector: the route is judged by held-out KL
+        # against the resid_post addition it stands in for (measured by the refinement already).
+        measured = refined["heldout"] if refined else None
+        if measured is None:
+            measured = heldout_kl(loaded, reference, heldout_samples, {"closed_form": form.factors}, coef=coef)
+        next_layer["heldout"] = measured["adapters"]["closed_form"]
+    tensors = adapter_tensors(loaded, form.steered, prof, dtype, factors=factors)
+    predicted_error = max(_kept_error(x) for x in form.layers)
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    base_model = base_model_id or loaded.model_id
+    rank = max([a.shape[0] for a, _ in factors.values()], default=1)
+    config = adapter_config(base_model, targets, prof, loaded.arch.fan_in_fan_out, rank)
+    report = {
+        "base_model": base_model,
+        "target": prof.name,
+        "dtype": dtype or prof.default_dtype,
+        "warnings": warnings,
+        "site": reference.site,
+        "coef": coef,
+        "direction": form.direction,
+        "sequential": form.sequential,
+        "exact": form.exact,
+        "approximate": reason,
+        "calibration": {
+            "tokens": form.calibration.tokens,
+            "domains": form.calibration.domains,
+            "self_generated": self_generated,
+            "fixed_prefix": form.calibration.fixed_prefix,
+            **form.files,
+        },
+        "heldout_domains": sorted({s.domain for s in heldout_samples}),
+        "predicted_delta_rel_error": predicted_error,
+        # The next-layer route's error is not the stand-in's fit error: its KL is measured instead.
+        "predicted_kl_ratio": 0.0 if form.exact else None if next_layer else predicted_kl_ratio(predicted_error),
+        "layers": form.layers,
+        "next_layer": next_layer,
+        "route_choice": route_choice,
+        "vector_metadata": steering.metadata,
+        "rank": config["r"],
+        "target_modules": targets,
+        "model_dtype": str(loaded.dtype).removeprefix("torch."),
+        "refine": refined,
+        # Up to here (the merged copy, if any, comes after): the compile's own peak.
+        "memory": peak.read().to_dict(),
+    }
+    # The adapter and the merged model are committed together: an interrupted merge leaves neither.
+    with atomic_outputs([out_dir] + ([merge_dir] if merge_dir is not None else []), force, directory=True) as temps:
+        write_adapter_files(temps[0], tensors, config, report, _model_card(report))
+        if merge_dir is not None:
+            save_merged(merged_model(loaded, adapter_deltas(temps[0])), loaded, temps[1])
+    return CompileResult(Path(out_dir), report, Path(merge_dir) if merge_dir is not None else None)
+
+
+def _closed_form(
+    loaded: LoadedModel,
+    steering: SteeringVector,
+    coef: float,
+    route: str,
+    samples: Callable[[], list[corpus.Sample]],
+    heldout_samples: list[corpus.Sample],
+    *,
+    direction: str,
+    ridge: float | None,
+    calibration: Calibration | None,
+    moments: MomentsArg,
+    sequential: bool,
+) -> _ClosedForm | None:
+    """Calibrate and fit ``coef·steering`` (``route``: the value route at ``resid_mid``), with each
+    layer's held-out fit error; None on the torchrun ranks other than 0, which only help calibrate."""
+    reason = loaded.arch.approximate_reason(steering.site)
     keys = [(steering.site, layer) for layer in steering.layers]
     vectors = {k: coef * steering.directions[k[1]] for k in keys}
+    lambdas: dict = {}
 
     # Behind a post-writer norm the LoRA adds (a·x)·β with x = h/rms(y): β is chosen so the norm
     # turns rms(y)·β into ≈ s (fit.fit_post_norm_vector), on the unsteered model's writer outputs.
@@ -649,7 +789,7 @@ def _compile(
     exact = loaded.arch.site(steering.site).embedding
     sequential = sequential and len(keys) > 1 and not exact
     value_routes = _value_route_keys(loaded, keys, route, sequential, reason is not None)
-    heldout_samples = corpus.load_texts(heldout, corpus.default_heldout())
+    files: dict = {}
     if exact:
         # An embedding LoRA's input is a one-hot token: b = 1 gives b·x = 1 exactly, nothing to fit.
         vocab = loaded.module(loaded.arch.writers(*keys[0])[0]).num_embeddings
@@ -658,7 +798,6 @@ def _compile(
         projections = {k: exact_projections(loaded, heldout_samples) for k in keys}
         direction = "exact"
     else:
-        files: dict = {}
         if moments:
             # Sequential: the files serve the shallowest layer; the later ones are calibrated under its delta.
             needed = sorted(keys, key=lambda k: (k[1], k[0]))[:1] if sequential else keys
@@ -669,8 +808,8 @@ def _compile(
             if calibration is None or not set(keys) <= calibration.moments.keys():
                 calibration = calibrate(loaded, samples(), keys)
             directions = {k: fit(k, calibration.moments[k]) for k in keys}
-        if not distributed.is_main():  # the other torchrun ranks only helped calibrate
-            return CompileResult(Path(out_dir), {})
+        if not distributed.is_main():
+            return None
         with compiled_deltas(loaded, {k: (directions[k], writer_vectors[k]) for k in keys}):
             projections = project_inputs(loaded, heldout_samples, {k: d[None] for k, d in directions.items()})
     directions = {k: d.cpu() for k, d in directions.items()}  # fitted where the moments were; emitted on the CPU
@@ -684,19 +823,18 @@ def _compile(
             )
     steered, layer_reports, value_factors = [], [], {}
     for key in keys:
-        vec = vectors[key]
         steered.append(SiteWeights(key[0], key[1], directions[key], writer_vectors[key]))
         layer_reports.append(
             {
                 "layer": key[1],
                 "writers": list(loaded.arch.writers(*key)),
                 "fit_error": {d: e.to_dict() for d, e in fit_errors(projections[key]).items()},
-                "vector_norm": float(vec.norm()),
+                "vector_norm": float(vectors[key].norm()),
                 "direction_norm": float(directions[key].norm()),
                 "ridge": lambdas.get(key) if direction == "ridge" else None,
+                "route": "writer",
             }
         )
-        layer_reports[-1]["route"] = "writer"
         if key in route_fits:
             kept = _keeps_value_route(route, route_fits[key], layer_reports[-1]["fit_error"]["all"]["rms"])
             layer_reports[-1]["value_route"] = {**route_fits[key].to_dict(), "kept": kept}
@@ -709,77 +847,52 @@ def _compile(
                 "writer_vector_norm": float(writer_vectors[key].norm()),
                 **post_norm_fits[key].to_dict(),
             }
-    # The closed form's factors: None (emit derives the writers') unless the value route adds its own.
-    factors = {**writer_factors(loaded, steered), **value_factors} if value_factors else None
-    refined = None
-    if refine_options is not None and exact:
-        warnings.append(f"--refine skipped: {steering.site} is exact (an embedding LoRA), there is nothing to refine")
-    elif refine_options is not None:
-        closed = factors or writer_factors(loaded, steered)
-        # Where the value route was kept, the writer's LoRA alone is measured too: what the route bought.
-        writer_only = {"writer_only": writer_factors(loaded, steered)} if value_factors else {}
-        factors, refined = _refine(
-            loaded, reference, coef, closed, samples(), heldout_samples, refine_options, writer_only
-        )
-    if next_layer is not None:
-        # Its fit errors are against its own stand-in vector: the route is judged by held-out KL
-        # against the resid_post addition it stands in for (measured by the refinement already).
-        measured = (
-            refined["heldout"]
-            if refined
-            else heldout_kl(
-                loaded,
-                reference,
-                heldout_samples,
-                {"closed_form": factors or writer_factors(loaded, steered)},
-                coef=coef,
-            )
-        )
-        next_layer["heldout"] = measured["adapters"]["closed_form"]
-    tensors = adapter_tensors(loaded, steered, prof, dtype, factors=factors)
-    predicted_error = max(_kept_error(x) for x in layer_reports)
-    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
-    base_model = base_model_id or loaded.model_id
-    rank = max([a.shape[0] for a, _ in factors.values()], default=1) if factors else 1
-    config = adapter_config(base_model, targets, prof, loaded.arch.fan_in_fan_out, rank)
-    report = {
-        "base_model": base_model,
-        "target": prof.name,
-        "dtype": dtype or prof.default_dtype,
-        "warnings": warnings,
-        "site": reference.site,
-        "coef": coef,
-        "direction": direction,
-        "sequential": sequential,
-        "exact": exact,
-        "approximate": reason,
-        "calibration": {
-            "tokens": calibration.tokens,
-            "domains": calibration.domains,
-            "self_generated": self_generated,
-            "fixed_prefix": calibration.fixed_prefix,
-            **({} if exact else files),
-        },
-        "heldout_domains": sorted({s.domain for s in heldout_samples}),
-        "predicted_delta_rel_error": predicted_error,
-        # The next-layer route's error is not the stand-in's fit error: its KL is measured instead.
-        "predicted_kl_ratio": 0.0 if exact else None if next_layer else predicted_kl_ratio(predicted_error),
-        "layers": layer_reports,
-        "next_layer": next_layer,
-        "vector_metadata": steering.metadata,
-        "rank": config["r"],
-        "target_modules": targets,
-        "model_dtype": str(loaded.dtype).removeprefix("torch."),
-        "refine": refined,
-        # Up to here (the merged copy, if any, comes after): the compile's own peak.
-        "memory": peak.read().to_dict(),
-    }
-    # The adapter and the merged model are committed together: an interrupted merge leaves neither.
-    with atomic_outputs([out_dir] + ([merge_dir] if merge_dir is not None else []), force, directory=True) as temps:
-        write_adapter_files(temps[0], tensors, config, report, _model_card(report))
-        if merge_dir is not None:
-            save_merged(merged_model(loaded, adapter_deltas(temps[0])), loaded, temps[1])
-    return CompileResult(Path(out_dir), report, Path(merge_dir) if merge_dir is not None else None)
+    return _ClosedForm(
+        steered=steered,
+        layers=layer_reports,
+        factors={**writer_factors(loaded, steered), **value_factors},
+        writers_only=not value_factors,
+        calibration=calibration,
+        files=files,
+        direction=direction,
+        sequential=sequential,
+        exact=exact,
+    )
+
+
+def _next_layer_possible(loaded: LoadedModel, steering: SteeringVector) -> bool:
+    """Whether ``--route auto`` weighs the next-layer route: one ``resid_post`` layer with a usable layer after it."""
+    if steering.site != "resid_post" or len(steering.layers) != 1:
+        return False
+    try:
+        next_layer_site(loaded, (steering.site, steering.layers[0]))
+    except LoraCompileError:
+        return False
+    return True
+
+
+def _post_route_choice(
+    loaded: LoadedModel,
+    steering: SteeringVector,
+    coef: float,
+    samples: list[corpus.Sample],
+    options: RefineOptions,
+    writer: Factors,
+    next_layer: Factors,
+) -> dict:
+    """``--route auto`` at ``resid_post``: the writer's closed form or the next-layer route's, whichever
+    has the lower KL ratio against true steering on the refinement's validation split of the
+    calibration text (never the held-out text the report measures on)."""
+    try:
+        validation = split_samples(samples, options)[1]
+    except LoraCompileError:  # a single calibration text: judged on it
+        validation = samples
+    measured = heldout_kl(
+        loaded, steering, validation, {"writer": writer, "next_layer": next_layer}, coef=coef,
+        max_tokens=options.max_tokens,
+    )  # fmt: skip
+    ratios = {name: m["kl_ratio"] for name, m in measured["adapters"].items()}
+    return {"validation_kl_ratio": ratios, "kept": min(ratios, key=ratios.get)}
 
 
 def _value_route_keys(loaded: LoadedModel, keys: list, route: str, sequential: bool, post_norm: bool) -> list:

@@ -267,7 +267,8 @@ def compile_cmd(
             help="resid_mid: 'writer' (o_proj alone), 'both' (add a rank-1 LoRA on v_proj: attention "
             "averages its input, the rest stays on o_proj), 'auto' (both where it wins on held-out text). "
             "resid_post L: 'next_layer' writes it through layer L+1's attention (o_proj, v_proj there) as the "
-            "vector plus that attention's mean response to it; judged by held-out KL.",
+            "vector plus that attention's mean response to it; judged by held-out KL; 'auto' there keeps "
+            "whichever of down_proj and next_layer has the lower KL on a split of the calibration text.",
         ),
     ] = "writer",
     refine: Annotated[

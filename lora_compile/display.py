@@ -166,6 +166,14 @@ def print_refine(refine: dict) -> None:
     )
 
 
+def _route_choice(choice: dict) -> str:
+    ratios = choice["validation_kl_ratio"]
+    return (
+        f"kept the {choice['kept'].replace('_', '-')} route (KL ratio on the calibration text's validation split: "
+        f"the writer's {_fmt(ratios['writer'])}, next-layer {_fmt(ratios['next_layer'])})"
+    )
+
+
 def print_compile(report: dict) -> None:
     table = Table(title=f"compiled at {report['site']} ({report['direction']} direction)")
     for col in ("layer", "writer", "predicted error (rms)", "max", "first token", "worst domain"):
@@ -183,6 +191,8 @@ def print_compile(report: dict) -> None:
             f"{worst} {_fmt(domains[worst])}",
         )
     out.print(table)
+    if report.get("route_choice"):
+        out.print(f"--route auto: {_route_choice(report['route_choice'])}")
     if report.get("next_layer"):
         n = report["next_layer"]
         out.print(

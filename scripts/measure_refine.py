@@ -13,7 +13,10 @@ the refinement's validation KL ratio.
 
     python scripts/measure_refine.py [--sites resid_post,resid_mid] [--layers 10|all] [--coef 4] [--train]
         [--route auto] [--post-route next_layer] [--rank 1] [--json FILE]
-    python scripts/measure_refine.py --json FILE --table     # the table of FILE's sites, nothing run
+    python scripts/measure_refine.py --json FILE --table [--readme README.md]   # FILE's table, nothing run
+
+``--readme``: the table and its summary also replace what lies between the README's
+``<!-- every-site start -->`` and ``<!-- every-site end -->`` lines.
 """
 
 from __future__ import annotations
@@ -76,21 +79,37 @@ def _median(x: torch.Tensor) -> float:
     return float(torch.quantile(x, 0.5))
 
 
-def _summary(rows: list[dict]) -> None:
+def _summary(rows: list[dict]) -> list[str]:
     """Median before/after over the sites measured, how many reach 0.005, and the worst after/before."""
     if not rows:
-        return
+        return []
     before, _, after = (torch.tensor(x, dtype=torch.float64) for x in zip(*(_kl_ratios(r) for r in rows)))
     worst = int(torch.argmax(after / before))
-    print(
-        f"\n{len(rows)} site(s): median held-out KL ratio {_fmt(_median(before))} (writer's closed form) → "
+    lines = [
+        f"{len(rows)} site(s): median held-out KL ratio {_fmt(_median(before))} (writer's closed form) → "
         f"{_fmt(_median(after))} (kept); sites ≤ 0.005: {int((before <= 0.005).sum())} → "
         f"{int((after <= 0.005).sum())}; "
         f"largest after/before {float(after[worst] / before[worst]):.3g} ({rows[worst]['site']} {rows[worst]['layer']})"
-    )
+    ]
     for site in sorted({r["site"] for r in rows}):
         sub = [i for i, r in enumerate(rows) if r["site"] == site]
-        print(f"  {site}: median {_fmt(_median(before[sub]))} → {_fmt(_median(after[sub]))}")
+        lines.append(f"{site}: median {_fmt(_median(before[sub]))} → {_fmt(_median(after[sub]))}")
+    return lines
+
+
+README_MARKERS = ("<!-- every-site start -->\n", "<!-- every-site end -->\n")
+
+
+def _write_readme(path: Path, table: str, summary: list[str]) -> None:
+    """``table`` and ``summary`` (as a list) between the README's every-site markers."""
+    text = path.read_text()
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"{path} needs one {start.strip()} line before one {end.strip()} line")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    body = table + "\n\n" + "".join(f"- {line}\n" for line in summary)
+    path.write_text(head + start + body + end + tail)
 
 
 def main() -> None:
@@ -113,13 +132,16 @@ def main() -> None:
         "--json", type=Path, default=None, help="every number, written after each site; sites already in it are skipped"
     )
     parser.add_argument("--table", action="store_true", help="print the table of the sites in --json; run nothing")
+    parser.add_argument("--readme", type=Path, default=None, help="with --table: also write it into this README")
     args = parser.parse_args()
     if args.table:
         if args.json is None or not args.json.exists():
             raise SystemExit("--table prints the sites of an existing --json FILE: give one")
         rows = sorted(json.loads(args.json.read_text()), key=lambda r: (r["site"], r["layer"]))
-        print(TABLE_HEADER + "\n" + "\n".join(_row(r) for r in rows))
-        _summary(rows)
+        table, summary = TABLE_HEADER + "\n" + "\n".join(_row(r) for r in rows), _summary(rows)
+        print(table + "\n\n" + "\n".join(summary))
+        if args.readme is not None:
+            _write_readme(args.readme, table, summary)
         return
     progress.enable()
     torch.manual_seed(0)
@@ -160,7 +182,7 @@ def main() -> None:
     rows = [by_key[k] for k in keys if k in by_key]
     print("\n" + TABLE_HEADER)
     print("\n".join(_row(r) for r in rows))
-    _summary(rows)
+    print("\n" + "\n".join(_summary(rows)))
 
     if args.train:
         site, layer = keys[0]

@@ -116,3 +116,29 @@ def test_next_layer_refused_where_it_cannot_be(tiny, tmp_path):
         with pytest.raises(LoraCompileError, match=message):
             api.compile_adapter(steering, tmp_path / str(i), tiny, route="next_layer")
     assert not any(tmp_path.iterdir())
+
+
+def test_auto_keeps_the_route_with_the_lower_kl_on_the_validation_split(tiny, tmp_path, capsys):
+    """--route auto at resid_post L compiles both routes and keeps the one refinement's validation
+    split of the calibration text finds closer to true steering; that adapter is the route's own."""
+    post, texts = _post(tiny, seed=7), default_calibration()[::8]
+    auto = api.compile_adapter(post, tmp_path / "auto", tiny, coef=2.0, texts=texts, heldout=HELDOUT, route="auto")
+    choice = auto.report["route_choice"]
+    ratios = choice["validation_kl_ratio"]
+    assert set(ratios) == {"writer", "next_layer"} and choice["kept"] == min(ratios, key=ratios.get)
+    assert (auto.report["next_layer"] is not None) == (choice["kept"] == "next_layer")
+    # each ratio is what refinement would start from: the closed form's KL ratio on that split
+    options = RefineOptions(steps=1, eval_every=1, settled_below=None)
+    for route in ratios:
+        alone = api.compile_adapter(
+            post, tmp_path / route, tiny, coef=2.0, texts=texts, heldout=HELDOUT, route=route, refine=True,
+            refine_options=options,
+        )  # fmt: skip
+        assert alone.report["refine"]["kl_ratio_initial"] == pytest.approx(ratios[route], rel=1e-4)
+    kept = api.compile_adapter(post, tmp_path / "kept", tiny, coef=2.0, texts=texts, heldout=HELDOUT,
+                               route=choice["kept"])  # fmt: skip
+    assert (tmp_path / "kept" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "auto" / ADAPTER_WEIGHTS).read_bytes()
+    print_compile(auto.report)
+    assert f"--route auto: kept the {choice['kept'].replace('_', '-')} route" in capsys.readouterr().out
+    assert "Route chosen by KL ratio" in (tmp_path / "auto" / "README.md").read_text()
+    assert kept.report["route_choice"] is None

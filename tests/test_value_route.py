@@ -170,10 +170,12 @@ def test_routes_refused_where_they_cannot_be(tiny, tmp_path):
     with pytest.raises(LoraCompileError, match="unknown route"):
         api.compile_adapter(post, tmp_path / "c", tiny, route="values")
     assert not any(tmp_path.iterdir())
-    # auto at a site without a value route compiles the writer's LoRA alone
+    # auto at a site without a value route (nor a next layer to write it through) compiles the writer's LoRA alone
     held = [Sample("held", text=t) for t in HELDOUT]
-    compiled = api.compile_adapter(post, tmp_path / "d", tiny, texts=_calibration(), heldout=held, route="auto")
+    last = SteeringVector({tiny.num_layers - 1: torch.ones(tiny.hidden_size)}, "resid_post")
+    compiled = api.compile_adapter(last, tmp_path / "d", tiny, texts=_calibration(), heldout=held, route="auto")
     assert compiled.report["layers"][0]["route"] == "writer" and "value_route" not in compiled.report["layers"][0]
+    assert compiled.report["route_choice"] is None and compiled.report["next_layer"] is None
 
 
 def test_scan_with_a_vector_shows_the_value_route_compile_would_fit(tiny, tmp_path):
