@@ -473,6 +473,8 @@ def _model_card(report: dict) -> str:
                 f"{refined['kept'].replace('_', ' ')}): held-out KL ratio {adapters['closed_form']['kl_ratio']:.3g} "
                 f"(closed form) → {adapters['refined']['kl_ratio']:.3g}; the fit-error columns are the closed form's."
             )
+            if refined["kept"] == "refined" and refined.get("pattern_modules"):
+                how += f" Refinement added LoRAs on {', '.join(f'`{m}`' for m in refined['pattern_modules'])}."
     if report.get("route_choice"):
         ratios = report["route_choice"]["validation_kl_ratio"]
         how += (
@@ -694,8 +696,10 @@ def _compile(
     elif refine_options is not None:
         # Where the value route was kept, the writer's LoRA alone is measured too: what the route bought.
         writer_only = {} if form.writers_only else {"writer_only": writer_factors(loaded, form.steered)}
+        # Through layer L+1, the vector also moves that layer's attention pattern token by token.
+        pattern = loaded.arch.pattern_modules(*next_layer["writes"]) if next_layer and refine_options.pattern else ()
         factors, refined = _refine(
-            loaded, reference, coef, form.factors, samples(), heldout_samples, refine_options, writer_only
+            loaded, reference, coef, form.factors, samples(), heldout_samples, refine_options, writer_only, pattern
         )
     if next_layer is not None:
         # Its fit errors are against its own stand-in vector: the route is judged by held-out KL
@@ -937,12 +941,17 @@ def _refine(
     heldout_samples: list[corpus.Sample],
     options: RefineOptions,
     baselines: dict[str, Factors],
+    extra_modules: tuple[str, ...] = (),
 ) -> tuple[dict, dict]:
     """Refined factors (or the closed form's ``closed``, where refinement did not help) and the report's ``refine``.
 
     ``baselines``: further factors measured in the same held-out pass (named as in the report).
+    ``extra_modules``: modules refinement may add LoRAs on (starting at B = 0).
     """
-    result = train_lora(loaded, steering, samples, coef=coef, init="closed_form", factors=closed, options=options)
+    result = train_lora(
+        loaded, steering, samples, coef=coef, init="closed_form", factors=closed, options=options,
+        extra_modules=extra_modules,
+    )  # fmt: skip
     kept = "refined" if result.best_step > 0 else "closed_form"
     factors = balanced(result.factors) if kept == "refined" else closed
     start = time.perf_counter()
@@ -952,6 +961,7 @@ def _refine(
     report = {
         **result.to_dict(),
         "kept": kept,
+        "pattern_modules": list(extra_modules),  # in the adapter where the refined factors were kept
         "options": dataclasses.asdict(options),
         "heldout": heldout,
         "heldout_seconds": time.perf_counter() - start,

@@ -38,7 +38,10 @@ class SiteSpec:
     ``layers``: the only layers the site exists at (None: every layer).
     ``attention``, ``values``: for a site written by attention, the attention module and
     its value projection, the other route in (a LoRA on ``values`` reaches the site
-    averaged over tokens by the attention weights; ``fit.value_route``).
+    averaged over tokens by the attention weights; ``fit.value_route``). ``pattern``: that
+    attention's query and key projections, which set the attention weights: LoRAs there (B = 0
+    at the start) let refinement follow how a vector added below changes the pattern (the
+    next-layer route).
     Several ``writers`` (parallel blocks: attention and MLP both add into ``resid_post``):
     one direction is fitted over their concatenated inputs and split between them, each
     writer's LoRA with the same B, so the deltas add up to ``(b·x) s``.
@@ -53,6 +56,7 @@ class SiteSpec:
     layers: tuple[int, ...] | None = None
     attention: str | None = None
     values: str | None = None
+    pattern: tuple[str, ...] = ()
     # Post-writer norms (Gemma 2/3, OLMo 2: ``x + post_norm(writer(h))``): the RMSNorm that
     # normalises the writers' output before it joins the stream. A LoRA delta there is not
     # additive, so compiling such a site is approximate (README "Post-writer norms").
@@ -127,6 +131,10 @@ class Architecture:
             raise LoraCompileError(f"site {site!r} of {self.name} is not written by attention: no value route")
         return spec.attention.format(L=layer), spec.values.format(L=layer)
 
+    def pattern_modules(self, site: str, layer: int) -> tuple[str, ...]:
+        """The query/key projections of the attention writing ``site`` (empty where the table has none)."""
+        return tuple(m.format(L=layer) for m in self.site_at(site, layer).pattern)
+
     def hook_module(self, site: str, layer: int) -> str:
         return self.site_at(site, layer).hook.format(L=layer)
 
@@ -163,6 +171,7 @@ _LLAMA_SITES = {
         hook="model.layers.{L}.self_attn.o_proj",
         attention="model.layers.{L}.self_attn",
         values="model.layers.{L}.self_attn.v_proj",
+        pattern=("model.layers.{L}.self_attn.q_proj", "model.layers.{L}.self_attn.k_proj"),
     ),
     "resid_pre": SiteSpec(writers=("model.embed_tokens",), hook="model.embed_tokens", embedding=True, layers=(0,)),
 }

@@ -283,6 +283,13 @@ def compile_cmd(
         int, typer.Option(help="With --refine: the adapter's rank (extra rank starts adding nothing).")
     ] = 1,
     refine_steps: Annotated[int, typer.Option(help="With --refine: most optimiser steps.")] = RefineOptions.steps,
+    refine_samples: Annotated[
+        int,
+        typer.Option(
+            help="With --refine: calibration samples trained on (a quarter as many, at least "
+            f"{RefineOptions.val_samples}, are held back to stop on)."
+        ),
+    ] = RefineOptions.train_samples,
     force: ForceOpt = False,
 ) -> None:
     """Compile a steering vector into a rank-1 PEFT LoRA adapter for a serving target."""
@@ -312,7 +319,13 @@ def compile_cmd(
             moments=moments,
             approximate=approximate,
             refine=refine,
-            refine_options=RefineOptions(rank=rank, steps=refine_steps, seed=seed),
+            refine_options=RefineOptions(
+                rank=rank,
+                steps=refine_steps,
+                seed=seed,
+                train_samples=refine_samples,
+                val_samples=max(RefineOptions.val_samples, refine_samples // 4),
+            ),
             route=route,
         )
         if not distributed.is_main():

@@ -164,6 +164,12 @@ def print_refine(refine: dict) -> None:
         f"kept the {refine['kept'].replace('_', ' ')}; "
         f"held-out measure {refine['heldout_seconds']:.0f} s"
     )
+    if refine.get("pattern_modules"):
+        kept = "in the adapter" if refine["kept"] == "refined" else "not kept (the closed form was)"
+        out.print(
+            f"refinement also trained LoRAs on {', '.join(refine['pattern_modules'])} (the next layer's "
+            f"attention pattern): {kept}"
+        )
 
 
 def _route_choice(choice: dict) -> str:

@@ -134,6 +134,19 @@ def test_standard_init_starts_as_the_unsteered_model(tiny):
     assert bool(b.any()) == (result.best_step > 0)  # the best factors: the init itself only at step 0
 
 
+def test_extra_modules_start_adding_nothing_and_are_trained(tiny):
+    """The next-layer route's query/key LoRAs (``extra_modules``): B = 0 at step 0, then trained with the rest."""
+    vector = _vector(tiny, layer=2)
+    pattern = tiny.arch.pattern_modules("resid_mid", 2)
+    assert pattern == ("model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.k_proj")
+    result = train_lora(tiny, vector, TEXTS, init="standard", options=FAST, extra_modules=pattern)
+    assert result.kl_ratio_initial == pytest.approx(1.0, abs=1e-9)  # they add nothing at the start
+    assert set(result.factors) == {"model.layers.2.self_attn.o_proj", *pattern} and result.best_step > 0
+    assert all(bool(result.factors[m][1].any()) for m in pattern)  # B moved: the gradient reaches them
+    again = train_lora(tiny, vector, TEXTS, init="standard", options=FAST, extra_modules=pattern).factors
+    assert all(torch.equal(again[m][i], result.factors[m][i]) for m in again for i in (0, 1))  # seeded
+
+
 def test_a_time_budget_stops_after_an_evaluation(tiny):
     """max_seconds (the benchmark's 10× compile time): the step that overruns it is evaluated, then training stops."""
     options = dataclasses.replace(FAST, steps=1000, patience=1000, max_seconds=1e-6)
@@ -157,6 +170,18 @@ def test_rank_without_refine_is_refused(tiny, tmp_path, tiny_dir):
     result = CliRunner().invoke(app, ["compile", "-v", vec, "-o", str(tmp_path / "o"), "-m", tiny_dir, "--rank", "2"])
     assert result.exit_code == 2 and "needs --refine" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refine_samples_sets_the_split(tmp_path, tiny, tiny_dir):
+    """--refine-samples N: N calibration samples trained on, a quarter of them (at least 8) held back."""
+    vec = str(save_vector(_vector(tiny), tmp_path / "v.safetensors"))
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("A fox by the river.\n\nTell me a joke about numbers.\n")
+    args = ["compile", "-v", vec, "-m", tiny_dir, "--heldout", str(heldout), "--refine", "--refine-steps", "1"]
+    result = CliRunner().invoke(app, [*args, "--refine-samples", "36", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    options = json.loads((tmp_path / "o" / "compile_report.json").read_text())["refine"]["options"]
+    assert (options["train_samples"], options["val_samples"], options["steps"]) == (36, 9, 1)
 
 
 def test_refinement_starts_from_both_routes(tiny, tmp_path):

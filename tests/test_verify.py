@@ -172,8 +172,11 @@ def test_resid_pre_is_exact(smol, resid_pre, heldout_subset):
     problems = check_adapter(result.adapter_dir)
     assert all(problems[t] == [] for t in ("peft", "vllm", "sglang", "llamacpp")), problems
     assert problems["portable"] and problems["lorax"]  # no embedding LoRA there
-    for dtype in ("float32", "bfloat16"):
-        report = verify_adapter(result.adapter_dir, vec, smol, prompts=heldout_subset, generations=0, dtype=dtype)
+    # bfloat16 matmuls are emulated, ~5x slower, on CPUs without native bf16: one prompt per domain there
+    # (an exact site is exact on every token; the float32 run covers the whole subset)
+    one_per_domain = list({s.domain: s for s in reversed(heldout_subset)}.values())
+    for dtype, prompts in (("float32", heldout_subset), ("bfloat16", one_per_domain)):
+        report = verify_adapter(result.adapter_dir, vec, smol, prompts=prompts, generations=0, dtype=dtype)
         assert report.dtype == dtype
         assert report.kl_ratio < 1e-6 and report.top1_agreement == 1.0, (dtype, report.kl_ratio)
         assert report.kl_unsteered > 0.05  # the steering does something
