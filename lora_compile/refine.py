@@ -63,7 +63,7 @@ class RefineOptions:
     # With the next-layer route: LoRAs on layer L+1's query/key projections too (A random, B = 0), so
     # the adapter can follow how the vector moves that layer's attention pattern, token by token, which
     # a vector added at resid_mid L+1 cannot (resid_post 10: held-out KL ratio 0.00536 without, 0.00512
-    # with, at 48 steps; README "Refinement").
+    # with, at 48 steps; README "The next-layer route into resid_post").
     pattern: bool = True
     seed: int = 0
     # A closed form whose validation KL ratio is already at or below this is kept without a step:
