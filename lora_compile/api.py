@@ -604,12 +604,16 @@ class _ClosedForm:
     steered: list[SiteWeights]
     layers: list[dict]  # the report's per-layer entries
     factors: Factors  # every LoRA's (A, B): the writers', and the value route's where kept
-    writers_only: bool  # no value route kept: ``factors`` are the writers' alone
     calibration: Calibration
     files: dict  # the moments files fitted from (the report's calibration entry)
     direction: str  # the fit method, "exact" for an embedding LoRA
     sequential: bool
     exact: bool
+
+    @property
+    def writers_only(self) -> bool:
+        """No value route kept: ``factors`` are the writers' alone."""
+        return not any(layer.get("route") == "both" for layer in self.layers)
 
 
 def _compile(
@@ -855,7 +859,6 @@ def _closed_form(
         steered=steered,
         layers=layer_reports,
         factors={**writer_factors(loaded, steered), **value_factors},
-        writers_only=not value_factors,
         calibration=calibration,
         files=files,
         direction=direction,

@@ -37,8 +37,16 @@ MAX_SAMPLE_TOKENS = 512
 BATCH_TOKENS = 4096
 
 
-class _StopForward(Exception):
-    """Raised after the deepest layer needed, so the rest of the model never runs."""
+class StopForward(Exception):
+    """Raised by a hook after the deepest layer needed, so the rest of the model never runs."""
+
+
+def run_until_stopped(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """The model on one batch, until a hook raises ``StopForward`` (or to the end, if none does)."""
+    try:
+        loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+    except StopForward:
+        pass
 
 
 def _batch_gram(x: torch.Tensor) -> torch.Tensor:
@@ -397,7 +405,7 @@ def _capturing(loaded: LoadedModel, inputs_of: list[str], outputs_of: list[str],
         return hook
 
     def stop(_module, _args, _output):
-        raise _StopForward
+        raise StopForward
 
     try:
         handles += [loaded.module(m).register_forward_pre_hook(save_input(m)) for m in inputs_of]
@@ -433,10 +441,7 @@ def stream_captured(
     with _capturing(loaded, list(inputs_of), list(outputs_of), deepest) as captured, torch.no_grad():
         for batch, ids, mask in track(batches, description):
             captured.clear()
-            try:
-                loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
-            except _StopForward:
-                pass
+            run_until_stopped(loaded, ids, mask)
             yield batch, mask.bool(), captured
 
 

@@ -319,13 +319,7 @@ def compile_cmd(
             moments=moments,
             approximate=approximate,
             refine=refine,
-            refine_options=RefineOptions(
-                rank=rank,
-                steps=refine_steps,
-                seed=seed,
-                train_samples=refine_samples,
-                val_samples=max(RefineOptions.val_samples, refine_samples // 4),
-            ),
+            refine_options=RefineOptions.with_samples(refine_samples, rank=rank, steps=refine_steps, seed=seed),
             route=route,
         )
         if not distributed.is_main():

@@ -42,7 +42,7 @@ from .errors import LoraCompileError
 from .models import LoadedModel
 from .progress import track
 from .vectors import SteeringVector
-from .verify import VERIFY_MAX_TOKENS, _agreement, _greedy, true_addition
+from .verify import VERIFY_MAX_TOKENS, agreement, greedy, true_addition
 
 API_KEY_ENVS = ("LORA_COMPILE_API_KEY", "OPENAI_API_KEY")
 DEFAULT_TOP_K = 20
@@ -398,10 +398,10 @@ def verify_endpoint(
         server_text = choice.get("text") or ""
         server_ids = loaded.tokenizer(server_text, add_special_tokens=False)["input_ids"]
         with true_addition(loaded, vector, coef):
-            true_ids = _greedy(loaded.model, loaded, ids, max_new_tokens)
+            true_ids = greedy(loaded.model, loaded, ids, max_new_tokens)
         special = set(loaded.tokenizer.all_special_ids)
         true_ids = [t for t in true_ids if t not in special]
-        n_agree = _agreement(true_ids, server_ids)
+        n_agree = agreement(true_ids, server_ids)
         agreeing, total = agreeing + n_agree, total + len(true_ids)
         decode = loaded.tokenizer.decode
         gens.append(

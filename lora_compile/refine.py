@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .calibrate import _StopForward, encode, padded_batches
+from .calibrate import StopForward, encode, padded_batches, run_until_stopped
 from .corpus import Sample
 from .emit import Factors
 from .errors import LoraCompileError
@@ -74,6 +74,12 @@ class RefineOptions:
     # Stop (after an evaluation) once this many seconds have passed: a wall-clock budget for
     # comparisons (scripts/bench.py); None, as compile uses it: the steps alone, deterministic.
     max_seconds: float | None = None
+
+    @classmethod
+    def with_samples(cls, train_samples: int, **options) -> RefineOptions:
+        """``train_samples`` trained on and a quarter as many (at least ``val_samples``' default) held
+        back to stop on: the split ``compile --refine-samples`` uses."""
+        return cls(train_samples=train_samples, val_samples=max(cls.val_samples, train_samples // 4), **options)
 
     def check(self) -> None:
         for name in ("steps", "batch_samples", "train_samples", "val_samples", "max_tokens", "eval_every", "rank"):
@@ -183,15 +189,13 @@ class _Runner:
 
         def keep(_module, args, kwargs):
             seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
-            raise _StopForward
+            raise StopForward
 
         layer = self.loaded.module(self.loaded.arch.layer_module(self.first))
         handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
         try:
             with torch.no_grad():
-                self.loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _StopForward:
-            pass
+                run_until_stopped(self.loaded, ids, mask)
         finally:
             handle.remove()
         return seen["x"]

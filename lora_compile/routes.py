@@ -30,7 +30,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrate import BATCH_TOKENS, Moments, SiteKey, _StopForward, padded_batches, stream_attention, work_dtype
+from .calibrate import (
+    BATCH_TOKENS,
+    Moments,
+    SiteKey,
+    StopForward,
+    padded_batches,
+    run_until_stopped,
+    stream_attention,
+    work_dtype,
+)
 from .emit import Factors, balanced
 from .errors import LoraCompileError
 from .fit import ValueRoute, add_value_route_moments, choose_ridge, fit_ridge, value_route
@@ -219,7 +228,7 @@ def mean_attention_response(
 
     def keep(_module, _args, output):
         seen.append((output[0] if isinstance(output, tuple) else output).detach())
-        raise _StopForward
+        raise StopForward
 
     device = loaded.device_of(writes)
     total, count = torch.zeros(loaded.hidden_size, dtype=torch.float64, device=device), 0
@@ -231,11 +240,7 @@ def mean_attention_response(
                 seen.clear()
                 for steered in (False, True):
                     with true_addition(loaded, adding) if steered else nullcontext():
-                        try:
-                            loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                                         use_cache=False)  # fmt: skip
-                        except _StopForward:
-                            pass
+                        run_until_stopped(loaded, ids, mask)
                 change = (seen[1].to(torch.float64) - seen[0].to(torch.float64))[mask.bool().to(device)]
                 total, count = total + change.sum(0), count + change.shape[0]
     finally:

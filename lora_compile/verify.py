@@ -231,7 +231,8 @@ def paired_mean(diff: torch.Tensor, cluster: torch.Tensor) -> tuple[float, float
     return mean, var**0.5
 
 
-def _greedy(model: torch.nn.Module, loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
+def greedy(model: torch.nn.Module, loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
+    """``model``'s greedy continuation of ``ids`` (the new token ids only)."""
     inp = torch.tensor([ids], device=loaded.device)
     with torch.no_grad():
         out = model.generate(
@@ -244,7 +245,8 @@ def _greedy(model: torch.nn.Module, loaded: LoadedModel, ids: list[int], max_new
     return out[0, len(ids) :].tolist()
 
 
-def _agreement(a: list[int], b: list[int]) -> int:
+def agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -325,11 +327,11 @@ def verify(
                 rel_first.append(err[m & (position == 0)].cpu())
         for sample in track(generation_prompts or [], "greedy generations"):
             ids = sample.token_ids(loaded.tokenizer, VERIFY_MAX_TOKENS, add_generation_prompt=True)
-            compiled_gen = _greedy(peft_model, loaded, ids, max_new_tokens)
+            compiled_gen = greedy(peft_model, loaded, ids, max_new_tokens)
             with peft_model.disable_adapter():
                 with true_addition(loaded, vector, coef):
-                    true_gen = _greedy(peft_model, loaded, ids, max_new_tokens)
-                plain_gen = _greedy(peft_model, loaded, ids, max_new_tokens)
+                    true_gen = greedy(peft_model, loaded, ids, max_new_tokens)
+                plain_gen = greedy(peft_model, loaded, ids, max_new_tokens)
             decode = loaded.tokenizer.decode
             gens.append(
                 {
@@ -337,7 +339,7 @@ def verify(
                     "true": decode(true_gen, skip_special_tokens=True),
                     "compiled": decode(compiled_gen, skip_special_tokens=True),
                     "unsteered": decode(plain_gen, skip_special_tokens=True),
-                    "tokens_agreeing": _agreement(true_gen, compiled_gen),
+                    "tokens_agreeing": agreement(true_gen, compiled_gen),
                     "tokens": len(true_gen),
                 }
             )

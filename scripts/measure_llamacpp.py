@@ -27,7 +27,7 @@ from lora_compile.engine import LlamaCppModel
 from lora_compile.extract import extract, read_pairs
 from lora_compile.models import embedded_model_path, load_model
 from lora_compile.vectors import SteeringVector
-from lora_compile.verify import VERIFY_MAX_TOKENS, _agreement, _greedy, token_kl, true_addition
+from lora_compile.verify import VERIFY_MAX_TOKENS, agreement, greedy, token_kl, true_addition
 
 
 def subset(per_domain: int) -> list[corpus.Sample]:
@@ -36,7 +36,7 @@ def subset(per_domain: int) -> list[corpus.Sample]:
 
 
 def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
-    return sum(_agreement(x, y) for x, y in zip(a, b)), sum(len(x) for x in a)
+    return sum(agreement(x, y) for x, y in zip(a, b)), sum(len(x) for x in a)
 
 
 def compare(reference: list[torch.Tensor], other: list[torch.Tensor], plain: list[torch.Tensor]) -> dict:
@@ -91,10 +91,10 @@ def main() -> None:
                         logits.append(loaded.model(input_ids=inp).logits[0])
             for ids in chat_ids:
                 if steering is None:
-                    gens.append(_greedy(loaded.model, loaded, ids, args.max_new_tokens))
+                    gens.append(greedy(loaded.model, loaded, ids, args.max_new_tokens))
                 else:
                     with true_addition(loaded, steering, args.coef):
-                        gens.append(_greedy(loaded.model, loaded, ids, args.max_new_tokens))
+                        gens.append(greedy(loaded.model, loaded, ids, args.max_new_tokens))
         return logits, gens
 
     def engine(**kwargs) -> tuple[list[torch.Tensor], list[list[int]]]:

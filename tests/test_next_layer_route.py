@@ -1,5 +1,6 @@
 """The next-layer route into resid_post L: LoRAs in layer L+1's attention add v + mean Δ at resid_mid L+1."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -93,6 +94,35 @@ def test_compiled_refined_served_and_verified_against_resid_post(tiny, tmp_path)
     assert checked.delta_rel_error is None  # no LoRA at resid_post L's writer: judged by KL
     kept = report["refine"]["heldout"]["adapters"]["refined"]["kl_ratio"]
     assert checked.kl_ratio == pytest.approx(kept, rel=1e-3)
+
+
+def test_refined_query_key_loras_are_written_and_served(tiny, tmp_path):
+    """With sharper attention at layer L+1 (its query and key weights scaled 4x), the vector added at
+    resid_post L moves that layer's attention pattern: refinement trains and keeps LoRAs on q_proj and
+    k_proj, and the written adapter, loaded by PEFT, reproduces the held-out KL ratio compile measured."""
+    sharp = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model))
+    with torch.no_grad():
+        for proj in ("q_proj", "k_proj"):
+            sharp.module(f"model.layers.{LAYER + 1}.self_attn.{proj}").weight.mul_(4.0)
+    options = RefineOptions(
+        steps=4, batch_samples=2, train_samples=4, val_samples=2, max_tokens=32, eval_every=2, settled_below=None
+    )
+    out = tmp_path / "sharp"
+    report = api.compile_adapter(
+        _post(sharp), out, sharp, coef=2.0, texts=default_calibration()[::8], heldout=HELDOUT, route="next_layer",
+        refine=True, refine_options=options,
+    ).report  # fmt: skip
+    refined = report["refine"]
+    assert refined["kept"] == "refined" and {"q_proj", "k_proj"} <= set(report["target_modules"])
+    heldout = {k: v["kl_ratio"] for k, v in refined["heldout"]["adapters"].items()}
+    assert heldout["refined"] < heldout["closed_form"], heldout
+    tensors = load_file(str(out / ADAPTER_WEIGHTS))
+    for proj in ("q_proj", "k_proj"):
+        trained = [t for k, t in tensors.items() if f"layers.{LAYER + 1}.self_attn.{proj}.lora_B" in k]
+        assert len(trained) == 1 and trained[0].any(), proj
+    assert api.check_adapter(out, model=sharp) == {p: [] for p in PROFILES}
+    checked = api.verify_adapter(out, _post(sharp), sharp, prompts=HELDOUT, generations=0)
+    assert checked.kl_ratio == pytest.approx(heldout["refined"], rel=1e-3)
 
 
 def test_without_refinement_the_report_measures_the_route_against_resid_post(tiny, tmp_path, capsys):
