@@ -107,9 +107,9 @@ def test_refined_query_key_loras_are_written_and_served(tiny, tmp_path):
     options = RefineOptions(
         steps=4, batch_samples=2, train_samples=4, val_samples=2, max_tokens=32, eval_every=2, settled_below=None
     )
-    out = tmp_path / "sharp"
+    post, out = _post(sharp), tmp_path / "sharp"
     report = api.compile_adapter(
-        _post(sharp), out, sharp, coef=2.0, texts=default_calibration()[::8], heldout=HELDOUT, route="next_layer",
+        post, out, sharp, coef=2.0, texts=default_calibration()[::8], heldout=HELDOUT, route="next_layer",
         refine=True, refine_options=options,
     ).report  # fmt: skip
     refined = report["refine"]
@@ -121,7 +121,7 @@ def test_refined_query_key_loras_are_written_and_served(tiny, tmp_path):
         trained = [t for k, t in tensors.items() if f"layers.{LAYER + 1}.self_attn.{proj}.lora_B" in k]
         assert len(trained) == 1 and trained[0].any(), proj
     assert api.check_adapter(out, model=sharp) == {p: [] for p in PROFILES}
-    checked = api.verify_adapter(out, _post(sharp), sharp, prompts=HELDOUT, generations=0)
+    checked = api.verify_adapter(out, post, sharp, prompts=HELDOUT, generations=0)
     assert checked.kl_ratio == pytest.approx(heldout["refined"], rel=1e-3)
 
 
